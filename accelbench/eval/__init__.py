@@ -1,0 +1,1 @@
+"""Accuracy evaluations run on trained checkpoints."""

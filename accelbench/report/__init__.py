@@ -1,0 +1,1 @@
+"""result.json and the reports rendered from it."""

@@ -1,0 +1,102 @@
+"""result.json: the versioned record of a run, written atomically."""
+from __future__ import annotations
+
+import json
+import platform
+import socket
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from ..atomic import write_json_atomic
+
+SCHEMA = "accelbench.result/1"
+RESULT = "result.json"
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def software_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for dist in ("accelbench", "torch", "deepspeed", "transformers", "tokenizers", "flash-attn", "pluggy"):
+        out[dist] = _version(dist)
+    return out
+
+
+def environment(backend: Any) -> dict[str, Any]:
+    info = backend.device_info()
+    return {
+        "backend": backend.name, "backend_selection": backend.why,
+        "backend_plugin": {"name": backend.status.plugin.name, "dist": backend.status.plugin.dist,
+                           "version": backend.status.plugin.version},
+        "hardware": info.to_dict(),
+        "host": {"hostname": socket.gethostname(), "os": platform.platform(), "cpu": backend.machine.cpu_name,
+                 "host_memory_bytes": backend.machine.host_memory},
+        "software": software_versions(),
+    }
+
+
+def new_result(*, run_dir: Path, backend: Any, case: str, plans: dict[str, Any], random_weights: bool,
+               weights: dict[str, Any], data: dict[str, Any], nnodes: int, nproc_per_node: int) -> dict[str, Any]:
+    stages = {}
+    for stage, plan in plans.items():
+        p = plan.to_dict()
+        stages[stage] = {
+            "plan": p,
+            "batch": {"LBS": p["LBS"], "MPE": p["MPE"], "GAS": p["GAS"], "GBS": p["GBS"]},
+            "metrics": None,
+        }
+    notes = []
+    if random_weights:
+        from ..train.model import RANDOM_WEIGHTS_NOTE
+
+        notes.append(RANDOM_WEIGHTS_NOTE)
+    if data.get("synthetic"):
+        notes.append("synthetic data in LLaVA's formats (LLaVA-like lengths); not LAION-CC-SBU / mix665k")
+    adjustments = [a.to_dict() | {"stage": s} for s, plan in plans.items() for a in plan.adjustments]
+    return {
+        "schema": SCHEMA, "status": "running", "reason": None,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "run_dir": str(run_dir),
+        "environment": environment(backend),
+        "model": {"case": case, "random_weights": random_weights, "weights": weights},
+        "data": data,
+        "parallel_strategy": {
+            "technique": "sharded data parallel", "implementer": "DeepSpeed ZeRO-DP",
+            "details": {s: f"ZeRO-{p.zero_stage}" for s, p in plans.items()},
+            "nnodes": nnodes, "nproc_per_node": nproc_per_node, "world_size": nnodes * nproc_per_node,
+        },
+        "optimizations": sorted({f"attention: {p.attn_implementation}" for p in plans.values()}
+                                | {"gradient checkpointing" for p in plans.values() if p.grad_ckpt}
+                                | {f"dtype: {p.dtype}" for p in plans.values()}),
+        "adjustments": adjustments,
+        "stages": stages,
+        "mmmu": None,
+        "notes": notes,
+    }
+
+
+def write_result(run_dir: Path, result: dict[str, Any]) -> Path:
+    path = Path(run_dir) / RESULT
+    write_json_atomic(path, result)
+    return path
+
+
+def read_result(run_dir: str | Path) -> dict[str, Any]:
+    from ..errors import AccelbenchError
+
+    path = Path(run_dir) / RESULT
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise AccelbenchError(f"{path} does not exist: give a run directory written by `accelbench run`") from None
+    except json.JSONDecodeError as exc:
+        raise AccelbenchError(f"{path} is not valid JSON (line {exc.lineno}): {exc.msg}") from None
+    if not isinstance(data, dict) or not str(data.get("schema", "")).startswith("accelbench.result/"):
+        raise AccelbenchError(f"{path} is not an accelbench result (no 'schema' of accelbench.result/N)")
+    return data

@@ -1,0 +1,110 @@
+"""DeepSpeed config for the LLaVA benchmark.
+
+Mirrors LLaVA's ``scripts/zero2.json`` / ``scripts/zero3.json`` with every ``"auto"`` resolved the
+way HF's ``HfTrainerDeepSpeedConfig`` resolves it, so the memory model (``accelbench.memory``) can
+read concrete bucket sizes from the very dict that DeepSpeed receives.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+DTYPES = ("bf16", "fp16", "fp32")
+
+# Large enough that DeepSpeed never prints its per-step log line during a benchmark.
+_STEPS_PER_PRINT = 10**12
+
+
+def _zero2(hidden_size: int) -> dict[str, Any]:
+    del hidden_size  # ZeRO-2 buckets are fixed in LLaVA's zero2.json, not derived from the model
+    return {
+        "stage": 2,
+        "overlap_comm": True,
+        "contiguous_gradients": True,
+        "reduce_scatter": True,
+        # Ints, not 5e8 floats: DeepSpeed's pydantic models accept both, but the memory model
+        # multiplies them and we want exact integer byte counts.
+        "allgather_bucket_size": 500_000_000,
+        "reduce_bucket_size": 500_000_000,
+    }
+
+
+def _zero3(hidden_size: int) -> dict[str, Any]:
+    h2 = hidden_size * hidden_size
+    return {
+        "stage": 3,
+        "overlap_comm": True,
+        "contiguous_gradients": True,
+        "sub_group_size": 1_000_000_000,
+        # HF: reduce_bucket_size "auto" -> hidden², prefetch "auto" -> int(0.9·hidden²),
+        # persistence threshold "auto" -> 10·hidden.
+        "reduce_bucket_size": h2,
+        "stage3_prefetch_bucket_size": int(0.9 * h2),
+        "stage3_param_persistence_threshold": 10 * hidden_size,
+        "stage3_max_live_parameters": 1_000_000_000,
+        "stage3_max_reuse_distance": 1_000_000_000,
+        "stage3_gather_16bit_weights_on_model_save": True,
+    }
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``base`` updated by ``extra``; nested dicts merge key by key instead of being replaced."""
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def deepspeed_config(
+    *,
+    zero_stage: int,
+    micro_batch: int,
+    grad_accum: int,
+    world_size: int,
+    dtype: str,
+    hidden_size: int,
+    grad_clip: float = 1.0,
+    overrides: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A complete DeepSpeed config dict (no ``"auto"`` left).
+
+    ``hidden_size`` is the LLM hidden size (HF uses ``model.config.hidden_size``, the text model's
+    for Llava). ``overrides`` is deep-merged last, e.g. ``{"zero_optimization": {"overlap_comm": False}}``.
+    """
+    if zero_stage not in (2, 3):
+        raise ValueError(f"zero_stage must be 2 or 3 (LLaVA ships zero2.json/zero3.json), got {zero_stage}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    for name, value in (("micro_batch", micro_batch), ("grad_accum", grad_accum),
+                        ("world_size", world_size), ("hidden_size", hidden_size)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": micro_batch * grad_accum * world_size,
+        "gradient_clipping": grad_clip,
+        # LLaVA's fp16 block (dynamic loss scaling), enabled only for fp16.
+        "fp16": {
+            "enabled": dtype == "fp16",
+            "loss_scale": 0,
+            "loss_scale_window": 1000,
+            "initial_scale_power": 16,
+            "hysteresis": 2,
+            "min_loss_scale": 1,
+        },
+        "bf16": {"enabled": dtype == "bf16"},
+        "zero_optimization": _zero2(hidden_size) if zero_stage == 2 else _zero3(hidden_size),
+        # The trainer hands DeepSpeed a torch AdamW; a DeepSpeed "optimizer" entry would JIT-build
+        # FusedAdam, and ZeRO refuses client optimizers it has not tested unless told otherwise.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": _STEPS_PER_PRINT,
+        "wall_clock_breakdown": False,
+    }
+    if overrides:
+        config = _deep_merge(config, overrides)
+    return config

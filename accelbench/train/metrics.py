@@ -1,0 +1,111 @@
+"""Per-step measurements and the stage summary (steady-state throughput, MFU, memory, loss).
+
+Accounting (also in docs/metrics.md):
+- real tokens: non-pad tokens entering the model, image tokens included; padded tokens: batch x padded length.
+- tokens/s per process = real tokens of the steady steps / their summed step time / processes.
+- warm-up steps are excluded from the steady numbers; end-to-end divides all tokens by the stage's wall time
+  (model build and engine start included, as FlagPerf does).
+- MFU = model FLOPs (analytic, real lengths, no recompute) per second per device / peak dense FLOP/s.
+  HFU uses hardware FLOPs (recompute and padding included). "MFU (FlagPerf formula)" = k*N*tokens/s/peak.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from statistics import mean
+from typing import Any, IO
+
+
+@dataclass
+class StepRecord:
+    stage: str
+    step: int
+    time_s: float
+    real_tokens: int  # all processes
+    padded_tokens: int  # all processes
+    samples: int
+    loss: float
+    lr: float
+    grad_norm: float | None
+    model_flops: float  # all processes
+    hardware_flops: float
+    mem_allocated: int  # peak so far on this process (bytes)
+    mem_reserved: int
+    rss: int
+    tokens_per_s_per_proc: float
+    warmup: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def rss_bytes() -> int:
+    """Current resident set size of this process."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def warmup_steps(total: int) -> int:
+    """Steps excluded from steady state: the first fifth, at least 1 and at most 5 (when there are 3+)."""
+    return 0 if total < 3 else max(1, min(5, total // 5))
+
+
+class EventLog:
+    """events.jsonl: one line per step, flushed at once so a failed run keeps every step measured."""
+
+    def __init__(self, path: Path | None):
+        self._fh: IO[str] | None = open(path, "a", encoding="utf-8") if path else None
+
+    def write(self, event: dict[str, Any]) -> None:
+        if self._fh:
+            self._fh.write(json.dumps(event, default=str) + "\n")
+            self._fh.flush()
+
+    def close(self) -> None:
+        if self._fh:
+            self._fh.close()
+            self._fh = None
+
+
+def summarize(records: list[StepRecord], *, world_size: int, stage_wall_s: float, peak_flops: float | None,
+              chips_per_board: int, flagperf_params: float, stage: str, device_total: int,
+              last_n: int = 10) -> dict[str, Any]:
+    from .flops import flagperf_mfu
+
+    if not records:
+        return {"steps": 0}
+    warm = warmup_steps(len(records))
+    steady = records[warm:] or records
+    t = sum(r.time_s for r in steady)
+    tps = sum(r.real_tokens for r in steady) / t / world_size
+    model_fps = sum(r.model_flops for r in steady) / t / world_size
+    hw_fps = sum(r.hardware_flops for r in steady) / t / world_size
+    e2e = sum(r.real_tokens for r in records) / stage_wall_s / world_size
+    losses = [r.loss for r in records]
+    peak_alloc = max(r.mem_allocated for r in records)
+    out: dict[str, Any] = {
+        "steps": len(records), "warmup_steps_excluded": warm, "steady_steps": len(steady),
+        "step_time_s_median": sorted(r.time_s for r in steady)[len(steady) // 2],
+        "tokens_per_s_per_proc": tps, "tokens_per_s_per_proc_e2e": e2e,
+        "tokens_per_s_per_board": tps * chips_per_board if chips_per_board > 1 else None,
+        "samples_per_s": sum(r.samples for r in steady) / t,
+        "padding_efficiency": sum(r.real_tokens for r in records) / max(1, sum(r.padded_tokens for r in records)),
+        "model_flops_per_s_per_proc": model_fps, "hardware_flops_per_s_per_proc": hw_fps,
+        "peak_flops_per_proc": peak_flops,
+        "mfu": model_fps / peak_flops if peak_flops else None,
+        "hfu": hw_fps / peak_flops if peak_flops else None,
+        "mfu_flagperf": flagperf_mfu(flagperf_params, stage, tps, peak_flops) if peak_flops else None,
+        "loss_first": losses[0], "loss_last": losses[-1],
+        "loss_mean_last_n": mean(losses[-last_n:]), "loss_last_n": min(last_n, len(losses)),
+        "grad_norm_last": records[-1].grad_norm,
+        "mem_peak_allocated": peak_alloc, "mem_peak_reserved": max(r.mem_reserved for r in records),
+        "mem_rss_peak": max(r.rss for r in records), "mem_device_total": device_total,
+        "stage_wall_s": stage_wall_s,
+    }
+    return out

@@ -1,0 +1,138 @@
+"""accelbench backend plugin for NVIDIA GPUs (CUDA builds of torch; not ROCm, not CoreX)."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+from typing import Any
+
+from accelbench.capabilities import (AttentionCapability, AttentionImpl, Availability, BackendSpec, DeviceInfo,
+                                     PeakFlops, PrecisionCapability)
+from accelbench.hookspecs import hookimpl
+from accelbench.machine import MachineFacts
+from accelbench.monitor import query_smi
+
+from .peak_table import lookup
+
+NAME = "nvidia"
+__version__ = "0.1.0"
+DTYPES = ("bf16", "fp16", "tf32", "fp32")
+
+
+def not_nvidia_reason(machine: MachineFacts) -> str | None:
+    """Why this machine is not an NVIDIA CUDA machine, or None when it is."""
+    if machine.torch_version is None:
+        return "torch is not installed"
+    if "+corex" in machine.torch_version or any("ILUVATAR" in n.upper() for n in machine.device_names):
+        return f"torch {machine.torch_version} is Iluvatar CoreX, which presents itself as CUDA"
+    if machine.hip_version:
+        return f"torch {machine.torch_version} is a ROCm (HIP {machine.hip_version}) build"
+    if not machine.cuda_available:
+        build = "a CPU build" if machine.cuda_version is None else f"CUDA {machine.cuda_version} build"
+        return f"torch.cuda.is_available() is False (torch {machine.torch_version}, {build}; no GPU or driver)"
+    return None
+
+
+def _min_capability(machine: MachineFacts) -> tuple[int, int]:
+    return min(machine.capabilities) if machine.capabilities else (0, 0)
+
+
+@hookimpl
+def accelbench_register_backends(register: Any) -> None:
+    register(BackendSpec(NAME, priority=100, description="NVIDIA CUDA GPUs (NCCL)"))
+
+
+@hookimpl
+def accelbench_probe(backend: str, machine: MachineFacts) -> Availability | None:
+    if backend != NAME:
+        return None
+    reason = not_nvidia_reason(machine)
+    if reason:
+        return Availability(False, reason)
+    names = sorted(set(machine.device_names))
+    return Availability(True, f"{machine.device_count} x {', '.join(names)} (CUDA {machine.cuda_version})")
+
+
+def _driver_version() -> str:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        return str(pynvml.nvmlSystemGetDriverVersion())
+    except Exception:  # NVML is optional: fall back to nvidia-smi, then "unknown"
+        pass
+    exe = shutil.which("nvidia-smi")
+    if exe:
+        out = subprocess.run([exe, "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.splitlines()[0].strip()
+    return "unknown"
+
+
+@hookimpl
+def accelbench_device_info(backend: str, machine: MachineFacts) -> DeviceInfo | None:
+    if backend != NAME:
+        return None
+    name = machine.device_names[0] if machine.device_names else "unknown"
+    peaks = tuple(PeakFlops(d, *lookup(name, d)) for d in DTYPES)
+    versions = {"torch": machine.torch_version or "?", "cuda": machine.cuda_version or "?"}
+    if not machine.described:
+        versions["driver"] = _driver_version()
+    return DeviceInfo(vendor="NVIDIA", device_names=machine.device_names, torch_device_type="cuda",
+                      memory_bytes=machine.device_memory, deepspeed_accelerator="cuda", dist_backend="nccl",
+                      peak_flops=peaks, versions=versions)
+
+
+@hookimpl
+def accelbench_attention(backend: str, machine: MachineFacts) -> AttentionCapability | None:
+    if backend != NAME:
+        return None
+    impls = [AttentionImpl("sdpa", varlen=False), AttentionImpl("eager", varlen=False)]
+    if _min_capability(machine) >= (8, 0):  # flash-attn 2 needs Ampere or newer
+        impls.insert(0, AttentionImpl("flash_attention_2", varlen=True, packages=("flash_attn",)))
+    return AttentionCapability(tuple(impls))
+
+
+@hookimpl
+def accelbench_precision(backend: str, machine: MachineFacts) -> PrecisionCapability | None:
+    if backend != NAME:
+        return None
+    ampere = _min_capability(machine) >= (8, 0)
+    return PrecisionCapability(bf16=ampere, fp16=True, tf32=ampere, default_dtype="bf16" if ampere else "fp16",
+                               tf32_policy="on" if ampere else "unsupported")
+
+
+@hookimpl
+def accelbench_peak_flops(backend: str, device_name: str, dtype: str) -> PeakFlops | None:
+    if backend != NAME:
+        return None
+    return PeakFlops(dtype, *lookup(device_name, dtype))
+
+
+@hookimpl
+def accelbench_memory_headroom(backend: str) -> float | None:
+    return 0.92 if backend == NAME else None
+
+
+@hookimpl
+def accelbench_memory_usage(backend: str) -> list[tuple[int, int]] | None:
+    if backend != NAME:
+        return None
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        usage = []
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            mem = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(i))
+            usage.append((int(mem.used), int(mem.total)))
+        return usage
+    except Exception:  # NVML missing or failing: nvidia-smi reads the same counters
+        return query_smi("nvidia-smi")
+
+
+@hookimpl
+def accelbench_is_oom(backend: str, error: BaseException) -> bool | None:
+    if backend != NAME:
+        return None
+    return type(error).__name__ == "OutOfMemoryError" or "CUDA out of memory" in str(error)

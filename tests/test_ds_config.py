@@ -1,0 +1,125 @@
+"""deepspeed_config: LLaVA's zero2/zero3.json with "auto" resolved, accepted by DeepSpeed."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from accelbench.train.ds_config import deepspeed_config
+
+
+class _DataParallelOnly:
+    """Minimal mpu: DeepSpeedConfig asks it for the data-parallel world size (no dist init needed)."""
+
+    def __init__(self, world_size: int) -> None:
+        self._world = world_size
+
+    def get_data_parallel_world_size(self) -> int:
+        return self._world
+
+
+def _no_auto(obj) -> bool:
+    if isinstance(obj, dict):
+        return all(_no_auto(v) for v in obj.values())
+    return obj != "auto"
+
+
+def test_zero2_values():
+    cfg = deepspeed_config(zero_stage=2, micro_batch=16, grad_accum=2, world_size=8, dtype="bf16",
+                           hidden_size=4096)
+    z = cfg["zero_optimization"]
+    assert z == {
+        "stage": 2, "overlap_comm": True, "contiguous_gradients": True, "reduce_scatter": True,
+        "allgather_bucket_size": 500_000_000, "reduce_bucket_size": 500_000_000,
+    }
+    assert isinstance(z["allgather_bucket_size"], int) and isinstance(z["reduce_bucket_size"], int)
+    assert cfg["train_batch_size"] == 16 * 2 * 8
+    assert cfg["train_micro_batch_size_per_gpu"] == 16
+    assert cfg["gradient_accumulation_steps"] == 2
+    assert cfg["gradient_clipping"] == 1.0
+    assert cfg["bf16"]["enabled"] is True and cfg["fp16"]["enabled"] is False
+    assert cfg["zero_allow_untested_optimizer"] is True
+    assert "optimizer" not in cfg and "scheduler" not in cfg
+    assert cfg["wall_clock_breakdown"] is False
+    assert cfg["steps_per_print"] >= 10**9
+    assert _no_auto(cfg)
+    json.dumps(cfg)  # must be serialisable as a config file
+
+
+def test_zero3_values_resolve_auto_like_hf():
+    h = 5120
+    cfg = deepspeed_config(zero_stage=3, micro_batch=4, grad_accum=1, world_size=16, dtype="bf16",
+                           hidden_size=h, grad_clip=0.5)
+    z = cfg["zero_optimization"]
+    assert z["stage"] == 3
+    assert z["overlap_comm"] is True and z["contiguous_gradients"] is True
+    assert z["sub_group_size"] == 1_000_000_000
+    assert z["reduce_bucket_size"] == 26_214_400  # 5120²
+    assert z["stage3_prefetch_bucket_size"] == 23_592_960  # int(0.9 · 5120²)
+    assert z["stage3_param_persistence_threshold"] == 51_200  # 10 · 5120
+    assert z["stage3_max_live_parameters"] == 1_000_000_000
+    assert z["stage3_max_reuse_distance"] == 1_000_000_000
+    assert z["stage3_gather_16bit_weights_on_model_save"] is True
+    assert cfg["train_batch_size"] == 64
+    assert cfg["gradient_clipping"] == 0.5
+    assert all(isinstance(v, (int, bool)) for v in z.values())
+
+
+@pytest.mark.parametrize("dtype,bf16,fp16", [("bf16", True, False), ("fp16", False, True), ("fp32", False, False)])
+def test_dtype_flags(dtype, bf16, fp16):
+    cfg = deepspeed_config(zero_stage=2, micro_batch=1, grad_accum=1, world_size=1, dtype=dtype, hidden_size=64)
+    assert cfg["bf16"]["enabled"] is bf16
+    assert cfg["fp16"]["enabled"] is fp16
+
+
+def test_overrides_deep_merge_and_do_not_leak():
+    base = deepspeed_config(zero_stage=3, micro_batch=1, grad_accum=1, world_size=2, dtype="bf16", hidden_size=64)
+    cfg = deepspeed_config(zero_stage=3, micro_batch=1, grad_accum=1, world_size=2, dtype="bf16", hidden_size=64,
+                           overrides={"zero_optimization": {"overlap_comm": False}, "steps_per_print": 10})
+    assert cfg["zero_optimization"]["overlap_comm"] is False
+    assert cfg["zero_optimization"]["reduce_bucket_size"] == 64 * 64  # sibling keys survive
+    assert cfg["steps_per_print"] == 10
+    assert base["zero_optimization"]["overlap_comm"] is True
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"zero_stage": 1}, {"dtype": "int8"}, {"micro_batch": 0}, {"world_size": 0},
+])
+def test_rejects_bad_arguments(kwargs):
+    args = dict(zero_stage=2, micro_batch=1, grad_accum=1, world_size=1, dtype="bf16", hidden_size=64)
+    args.update(kwargs)
+    with pytest.raises(ValueError):
+        deepspeed_config(**args)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_accepted_by_deepspeed(stage, dtype, monkeypatch):
+    import deepspeed.runtime.config as ds_runtime_config
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    # DeepSpeedConfig asks deepspeed.comm for the rank before consulting the mpu; without an initialised
+    # process group it silently falls back to world_size 1, which would defeat the batch-size check.
+    monkeypatch.setattr(ds_runtime_config.dist, "get_rank", lambda *a, **k: 0)
+
+    world = 4
+    cfg = deepspeed_config(zero_stage=stage, micro_batch=3, grad_accum=2, world_size=world, dtype=dtype,
+                           hidden_size=4096)
+    ds = DeepSpeedConfig(cfg, mpu=_DataParallelOnly(world))
+    assert ds.zero_optimization_stage == stage
+    assert ds.train_batch_size == 24
+    assert ds.train_micro_batch_size_per_gpu == 3
+    assert ds.gradient_accumulation_steps == 2
+    assert ds.gradient_clipping == 1.0
+    assert ds.bfloat16_config.enabled is (dtype == "bf16")
+    assert ds.float16_config.enabled is (dtype == "fp16")
+    assert ds.zero_allow_untested_optimizer is True
+    assert ds.zero_config.reduce_bucket_size == cfg["zero_optimization"]["reduce_bucket_size"]
+    if stage == 3:
+        assert ds.zero_config.prefetch_bucket_size == int(0.9 * 4096 * 4096)
+        assert ds.zero_config.param_persistence_threshold == 40960
+        assert ds.zero_config.max_live_parameters == 1_000_000_000
+        assert ds.zero_config.gather_16bit_weights_on_model_save is True
+    else:
+        assert ds.zero_config.allgather_bucket_size == 500_000_000
+        assert ds.zero_config.reduce_scatter is True
