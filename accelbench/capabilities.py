@@ -94,6 +94,7 @@ class PrecisionCapability(_ToDict):
     tf32: bool
     default_dtype: str  # "bf16", "fp16" or "fp32"
     tf32_policy: str  # "on", "off" or "unsupported"; what the trainer must set
+    reason: str = ""  # why the policy is what it is (shown as the adjustment's reason)
 
 
 @dataclass(frozen=True)

@@ -60,7 +60,7 @@ def accelbench_precision(backend: str, machine: MachineFacts) -> PrecisionCapabi
         return None
     bf16 = _native_bf16(machine)
     return PrecisionCapability(bf16=bf16, fp16=False, tf32=False, default_dtype="bf16" if bf16 else "fp32",
-                               tf32_policy="unsupported")
+                               tf32_policy="unsupported", reason="tf32 is a GPU matmul mode; CPUs have none")
 
 
 @hookimpl

@@ -65,24 +65,27 @@ class RunPlan:
     def global_batch(self) -> int:
         return self.micro_batch * self.grad_accum * self.nproc
 
-    def change(self, what: str, to: Any, why: str, by: str) -> Adjustment | None:
-        """Set attribute ``what`` and record the change; no record when nothing changes."""
+    def change(self, what: str, to: Any, why: str, by: str) -> list[Adjustment]:
+        """Set attribute ``what``; returns the record of the change (empty when nothing changes).
+
+        The caller hands the records back (a hook's return value, or ``record``), so each change is
+        listed exactly once.
+        """
         before = getattr(self, what)
         if before == to:
-            return None
+            return []
         setattr(self, what, to)
-        adj = Adjustment(what, before, to, why, by)
-        self.adjustments.append(adj)
-        return adj
+        return [Adjustment(what, before, to, why, by)]
+
+    def record(self, adjustments: list[Adjustment]) -> None:
+        self.adjustments.extend(adjustments)
 
     def set_micro_batch(self, mbs: int, why: str, by: str) -> list[Adjustment]:
         """Change the micro-batch and keep the global batch through GAS where it divides evenly."""
         gbs = self.global_batch
-        out = [a for a in [self.change("micro_batch", mbs, why, by)] if a]
+        out = self.change("micro_batch", mbs, why, by)
         if out and gbs % (mbs * self.nproc) == 0:
-            gas = gbs // (mbs * self.nproc)
-            a = self.change("grad_accum", gas, f"keep the global batch at {gbs}", by)
-            out += [a] if a else []
+            out += self.change("grad_accum", gbs // (mbs * self.nproc), f"keep the global batch at {gbs}", by)
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -164,9 +167,9 @@ def build_plan(backend: Any, *, case: str, stage: str, nproc: int = 1, micro_bat
         device_memory=info.memory_bytes[0], micro_batch_requested=requested,
         micro_batch=requested if isinstance(requested, int) else defaults.micro_batch,
         grad_accum=grad_accum, seq_len=seq_len, zero_stage=defaults.zero_stage if zero_stage is None else zero_stage,
-        lr=defaults.lr if lr is None else lr, grad_ckpt=grad_ckpt,
+        lr=(dict(preset.stage_lr).get(stage, defaults.lr) if lr is None else lr), grad_ckpt=grad_ckpt,
     )
-    plan.adjustments += backend.setup_env(plan.env)
+    plan.record(backend.setup_env(plan.env))
     _resolve_capabilities(plan, backend)
     plan.usable_memory = int(plan.device_memory * backend.memory_headroom())
     if requested == "auto":
@@ -175,9 +178,9 @@ def build_plan(backend: Any, *, case: str, stage: str, nproc: int = 1, micro_bat
             raise ConfigError(f"--mbs auto: even micro-batch 1 is estimated at {est.total / 2**30:.1f} GiB, over the "
                               f"{plan.usable_memory / 2**30:.1f} GiB usable on {plan.device_name}: use more "
                               f"processes (ZeRO-3 shards by process count), a shorter --seq, or a larger device")
-        plan.set_micro_batch(mbs, f"--mbs auto: largest micro-batch whose estimated peak fits in "
-                                  f"{plan.usable_memory / 2**30:.1f} GiB usable", "planner")
-    plan.adjustments += backend.adjust_plan(plan)  # vendor limits apply after any fitting
+        plan.record(plan.set_micro_batch(mbs, f"--mbs auto: largest micro-batch whose estimated peak fits in "
+                                              f"{plan.usable_memory / 2**30:.1f} GiB usable", "planner"))
+    plan.record(backend.adjust_plan(plan))  # vendor limits apply after any fitting
     plan.memory = estimate(plan).to_dict()
     return plan
 
@@ -187,10 +190,11 @@ def _resolve_capabilities(plan: RunPlan, backend: Any) -> None:
     prec = backend.precision()
     supported = {"bf16": prec.bf16, "fp16": prec.fp16, "fp32": True}
     if not supported.get(plan.dtype, False):
-        plan.change("dtype", prec.default_dtype, f"{plan.dtype} is not supported by backend {backend.name}",
-                    "planner")
+        plan.record(plan.change("dtype", prec.default_dtype, f"{plan.dtype} is not supported by backend "
+                                f"{backend.name}", backend.name))
     if plan.tf32 and prec.tf32_policy != "on":
-        plan.change("tf32", False, f"backend {backend.name} tf32 policy is {prec.tf32_policy!r}", "planner")
+        why = prec.reason or f"backend {backend.name} tf32 policy is {prec.tf32_policy!r}"
+        plan.record(plan.change("tf32", False, why, backend.name))
     att = backend.attention()
     packages = backend.machine.packages
     usable = [i for i in att.implementations if all(p in packages for p in i.packages)]
@@ -200,7 +204,7 @@ def _resolve_capabilities(plan: RunPlan, backend: Any) -> None:
         missing = [i for i in att.implementations if i not in usable and i.name == plan.attn_implementation]
         why = (f"{plan.attn_implementation} needs {', '.join(missing[0].packages)}, not importable here"
                if missing else f"backend {backend.name} prefers {usable[0].name}")
-        plan.change("attn_implementation", usable[0].name, why, "planner")
+        plan.record(plan.change("attn_implementation", usable[0].name, why, backend.name))
     for key, value in usable[0].env.items():
         if plan.env.get(key) != value:
             plan.adjustments.append(Adjustment(f"env {key}", plan.env.get(key), value,

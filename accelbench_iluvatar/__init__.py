@@ -120,7 +120,8 @@ def accelbench_attention(backend: str, machine: MachineFacts) -> AttentionCapabi
 def accelbench_precision(backend: str, machine: MachineFacts) -> PrecisionCapability | None:
     if backend != NAME:
         return None
-    return PrecisionCapability(bf16=True, fp16=True, tf32=False, default_dtype="bf16", tf32_policy="off")
+    return PrecisionCapability(bf16=True, fp16=True, tf32=False, default_dtype="bf16", tf32_policy="off",
+                               reason=TF32_WHY)
 
 
 @hookimpl
@@ -139,8 +140,6 @@ def accelbench_adjust_plan(backend: str, plan: Any) -> list[Adjustment] | None:
     from accelbench.plan import fit_micro_batch
 
     out: list[Adjustment] = []
-    if plan.tf32:
-        out += [a for a in [plan.change("tf32", False, TF32_WHY, NAME)] if a]
     usable = int(plan.device_memory * HEADROOM)
     fit, est = fit_micro_batch(plan, usable)
     cap, why = fit, (f"memory model: micro-batch {fit + 1} is estimated above the {usable / 2**30:.1f} GiB usable "

@@ -43,9 +43,9 @@ def fix_hp(result: dict[str, Any], stage: str) -> str:
 
 def mmmu_cell(result: dict[str, Any], stage: str) -> str:
     mmmu = result.get("mmmu")
-    if stage != "finetune" or not mmmu or mmmu.get("overall_accuracy") is None:
+    if stage != "finetune" or not mmmu or mmmu.get("accuracy") is None:
         return NA
-    return f"{mmmu['overall_accuracy'] * 100:.1f}"
+    return f"{mmmu['accuracy'] * 100:.1f}"
 
 
 def performance_rows(result: dict[str, Any]) -> list[dict[str, str]]:

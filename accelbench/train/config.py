@@ -36,6 +36,7 @@ class RunConfig:
     threads_per_rank: int | None = None
     nnodes: int = 1
     nproc_per_node: int = 1
+    quiet: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -183,7 +183,7 @@ def step_flops(
     preset: ModelPreset,
     seq_lens: Sequence[int],
     n_images: int,
-    stage: str,
+    stage: Stage,
     *,
     grad_ckpt: bool,
     padded_len: int | None = None,

@@ -119,7 +119,7 @@ def run(opts: RunOptions) -> dict[str, Any]:
                        mmmu=data.get("mmmu"), synthetic=data["synthetic"]),
         steps={s: steps for s in opts.stages}, seed=opts.seed, weights=weights, eval_mmmu=do_eval,
         mmmu_limit=opts.mmmu_limit, mmmu_generation=opts.mmmu_generation, bad_samples=opts.bad_samples,
-        max_bad_fraction=opts.max_bad_fraction, nnodes=opts.launch.nnodes, nproc_per_node=opts.launch.nproc_per_node,
+        max_bad_fraction=opts.max_bad_fraction, quiet=opts.quiet, nnodes=opts.launch.nnodes, nproc_per_node=opts.launch.nproc_per_node,
         threads_per_rank=max(1, (os.cpu_count() or 1) // opts.launch.nproc_per_node)
         if backend.device_info().torch_device_type == "cpu" else None,
     )
@@ -169,5 +169,15 @@ def run_mmmu_eval(run_dir: Path, cfg: Any, backend: Any, *, quiet: bool = False)
     """Evaluate the finetuned, consolidated model on the MMMU-format set (rank 0 of node 0)."""
     from ..eval.runner import evaluate_model_dir
 
-    return evaluate_model_dir(run_dir / "finetune" / "hf_model", cfg.data.mmmu, out_path=run_dir / "mmmu.json",
-                              generation=cfg.mmmu_generation, limit=cfg.mmmu_limit, backend=backend, quiet=quiet)
+    report = evaluate_model_dir(run_dir / "finetune" / "hf_model", cfg.data.mmmu, out_path=run_dir / "mmmu.json",
+                                generation=cfg.mmmu_generation, limit=cfg.mmmu_limit, backend=backend, quiet=quiet)
+    return mmmu_summary(report, run_dir / "mmmu.json")
+
+
+def mmmu_summary(report: dict[str, Any], path: Path) -> dict[str, Any]:
+    """What result.json keeps of mmmu.json: the accuracy column and how it was obtained."""
+    overall = report["overall"]
+    return {"accuracy": overall["accuracy"], "correct": overall["correct"], "total": overall["total"],
+            "per_discipline": {k: v["accuracy"] for k, v in report["per_discipline"].items()},
+            "fallbacks": report["fallbacks"], "generation": report["generation"],
+            "image_inputs": report["image_inputs"], "skipped_count": report["skipped_count"], "file": str(path)}

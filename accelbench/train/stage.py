@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from ..cases import get_preset
+from ..progress import Progress
 from .config import RunConfig
 from .metrics import EventLog, StepRecord, rss_bytes, summarize, warmup_steps
 
@@ -53,9 +54,10 @@ class StageRunner:
         d = self.cfg.data
         json_path = d.pretrain_json if self.stage == "pretrain" else d.finetune_json
         records = load_records(json_path)
-        good, bad = validate_records(records, d.image_folder, tokenizer=tokenizer, model_max_length=self.plan["MPE"],
-                                     policy=self.cfg.bad_samples, max_bad_fraction=self.cfg.max_bad_fraction)
         template = "plain" if self.stage == "pretrain" else "vicuna_v1"
+        good, bad = validate_records(records, d.image_folder, tokenizer=tokenizer, model_max_length=self.plan["MPE"],
+                                     template=template, policy=self.cfg.bad_samples,
+                                     max_bad_fraction=self.cfg.max_bad_fraction)
         dataset = LlavaDataset(good, d.image_folder, tokenizer, template=template,
                                image_tokens=self.preset.vision.image_tokens, image_token_id=self.image_token_id,
                                image_size=self.preset.vision.image_size, model_max_length=self.plan["MPE"])
@@ -128,6 +130,7 @@ class StageRunner:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         engine.train()
+        progress = Progress(self.stage, total=steps, unit="step", quiet=self.rank != 0 or self.cfg.quiet)
         for step in range(steps):
             self.acc.synchronize()
             t0 = time.perf_counter()
@@ -171,6 +174,8 @@ class StageRunner:
             records.append(rec)
             if self.rank == 0:
                 events.write(rec.to_dict())
+            progress.update_to(step + 1, loss=rec.loss, tok_s=rec.tokens_per_s_per_proc)
+        progress.close()
         warm = warmup_steps(len(records))
         for r in records[:warm]:
             r.warmup = True
