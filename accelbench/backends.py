@@ -225,6 +225,10 @@ class Backend:
         value = self.registry.call_first("accelbench_memory_headroom", backend=self.name)
         return 0.9 if value is None else float(value)
 
+    def memory_calibration(self) -> float:
+        value = self.registry.call_first("accelbench_memory_calibration", backend=self.name)
+        return 1.0 if value is None else float(value)
+
     def memory_usage(self) -> list[tuple[int, int]] | None:
         return self.registry.call_first("accelbench_memory_usage", backend=self.name)
 

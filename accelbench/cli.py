@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any, Callable
+from typing import Any
 
 from .errors import AccelbenchError
 
@@ -107,8 +107,10 @@ def render_plan(plan: Any) -> str:
     ]
     if plan.memory:
         terms = ", ".join(f"{k} {v:.2f}" for k, v in plan.memory.get("terms", {}).items())
+        cal = plan.memory.get("calibration", 1.0)
+        scaled = f" x {cal:.2f} backend calibration = {plan.memory['calibrated_total']:.2f}" if cal != 1.0 else ""
         lines.append(f"  memory estimate at LBS {plan.micro_batch}: {plan.memory.get('total', 0):.2f} "
-                     f"{plan.memory.get('unit', 'GiB')} of {_gib(plan.usable_memory)} usable ({terms})")
+                     f"{plan.memory.get('unit', 'GiB')}{scaled} of {_gib(plan.usable_memory)} usable ({terms})")
     lines.append(f"  adjustments ({len(plan.adjustments)}):")
     lines += [f"    - [{a.by}] {a.what}: {a.from_} -> {a.to}: {a.why}" for a in plan.adjustments] or ["    (none)"]
     lines += [f"  note: {n}" for n in plan.notes]
@@ -170,18 +172,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--peak-tflops", type=float, required=True)
     s.set_defaults(func=cmd_mfu)
 
-    for register in _EXTRA_COMMANDS:
-        register(sub)
+    from . import cli_run  # run, data, eval: defined beside the code they drive
+
+    cli_run.register(sub)
+    from . import cli_report  # report, compare, import-flagperf
+
+    cli_report.register(sub)
     return p
 
 
-# Commands defined in other modules register here (keeps this file about dispatch).
-_EXTRA_COMMANDS: list[Callable[[Any], None]] = []
-
-
 def main(argv: list[str] | None = None) -> int:
-    from . import cli_run  # noqa: F401  (registers run/data/eval commands)
-
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -1,4 +1,4 @@
-"""Commands that train, synthesise data and evaluate (registered into the `accelbench` CLI)."""
+"""Commands that train, synthesise data and evaluate (added to the `accelbench` parser by cli.py)."""
 from __future__ import annotations
 
 import argparse
@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-from . import cli
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -63,7 +62,7 @@ def cmd_eval_mmmu(args: argparse.Namespace) -> int:
     return 0
 
 
-def _register(sub: Any) -> None:
+def register(sub: Any) -> None:
     s = sub.add_parser("run", help="train LLaVA-1.5 (pretrain + finetune) and write the report; "
                                    "no arguments: tiny model on synthetic data")
     s.add_argument("--case", default="tiny", help="tiny, llava1.5-7b or llava1.5-13b")
@@ -116,5 +115,3 @@ def _register(sub: Any) -> None:
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_eval_mmmu)
 
-
-cli._EXTRA_COMMANDS.append(_register)

@@ -75,3 +75,8 @@ def accelbench_is_oom(backend: str, error: BaseException) -> bool | None:
 @hookspec(firstresult=True)
 def accelbench_memory_usage(backend: str) -> list[tuple[int, int]] | None:
     """(used, total) bytes per local device, from the vendor's monitor (NVML, ixsmi, ...)."""
+
+
+@hookspec(firstresult=True)
+def accelbench_memory_calibration(backend: str) -> float | None:
+    """Multiplier from the analytic memory estimate to what this backend's allocator really holds."""

@@ -129,11 +129,11 @@ def memory_input(plan: RunPlan, micro_batch: int) -> Any:
                            grad_ckpt=plan.grad_ckpt, attn_impl=plan.attn_implementation, ds_config=ds)
 
 
-def fit_micro_batch(plan: RunPlan, usable_bytes: int, max_mbs: int = 256) -> tuple[int, Any]:
-    """Largest micro-batch whose estimated peak fits in ``usable_bytes`` (0 if none)."""
+def fit_micro_batch(plan: RunPlan, usable_bytes: int, calibration: float = 1.0, max_mbs: int = 256) -> tuple[int, Any]:
+    """Largest micro-batch whose estimated peak, times the backend's calibration, fits in ``usable_bytes``."""
     from .memory import fit_micro_batch as fit
 
-    return fit(memory_input(plan, 1), usable_bytes, max_mbs=max_mbs)
+    return fit(memory_input(plan, 1), int(usable_bytes / calibration), max_mbs=max_mbs)
 
 
 def estimate(plan: RunPlan, micro_batch: int | None = None) -> Any:
@@ -172,8 +172,9 @@ def build_plan(backend: Any, *, case: str, stage: str, nproc: int = 1, micro_bat
     plan.record(backend.setup_env(plan.env))
     _resolve_capabilities(plan, backend)
     plan.usable_memory = int(plan.device_memory * backend.memory_headroom())
+    calibration = backend.memory_calibration()
     if requested == "auto":
-        mbs, est = fit_micro_batch(plan, plan.usable_memory)
+        mbs, est = fit_micro_batch(plan, plan.usable_memory, calibration)
         if mbs < 1:
             raise ConfigError(f"--mbs auto: even micro-batch 1 is estimated at {est.total / 2**30:.1f} GiB, over the "
                               f"{plan.usable_memory / 2**30:.1f} GiB usable on {plan.device_name}: use more "
@@ -182,6 +183,8 @@ def build_plan(backend: Any, *, case: str, stage: str, nproc: int = 1, micro_bat
                                               f"{plan.usable_memory / 2**30:.1f} GiB usable", "planner"))
     plan.record(backend.adjust_plan(plan))  # vendor limits apply after any fitting
     plan.memory = estimate(plan).to_dict()
+    plan.memory["calibration"] = calibration
+    plan.memory["calibrated_total"] = plan.memory["total"] * calibration
     return plan
 
 

@@ -75,3 +75,9 @@ def test_mfu_calculator_reproduces_flagperf_table(cli):
     out = cli("mfu", "--flagperf", "--params", "13e9", "--stage", "pretrain", "--tokens-per-sec", "620.38",
               "--peak-tflops", "192")
     assert out.stdout.strip() == "8.40 %"
+
+
+@pytest.mark.parametrize("command", ["run", "report", "compare", "import-flagperf", "data", "eval"])
+def test_every_command_is_registered(cli, command):
+    out = cli(command, "--help")
+    assert out.returncode == 0 and "usage: accelbench" in out.stdout

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import socket
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,7 +54,8 @@ def launch(spec: LaunchSpec, entrypoint: Any, *args: Any) -> dict[int, Any]:
     port = spec.master_port or free_port()
     config = LaunchConfig(
         min_nodes=spec.nnodes, max_nodes=spec.nnodes, nproc_per_node=spec.nproc_per_node,
-        run_id=spec.run_id or uuid.uuid4().hex[:8], rdzv_backend="static",
+        # every node must name the same run: the rendezvous store keys are prefixed with it
+        run_id=spec.run_id or "accelbench", rdzv_backend="static",
         rdzv_endpoint=f"{spec.master_addr}:{port}", rdzv_configs={"rank": spec.node_rank, "timeout": 900},
         max_restarts=0, monitor_interval=0.5, start_method="spawn",
     )

@@ -126,6 +126,7 @@ class StageRunner:
         steps, gas = self.cfg.steps[self.stage], p["GAS"]
         peak = self.backend.peak_flops(self.info.device_names[0] if self.info.device_names else "", p["dtype"]).flops
         records: list[StepRecord] = []
+        warm = warmup_steps(steps)  # known up front, so events.jsonl marks warm-up steps as written
         batches = self._batches(loader, sampler)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -170,15 +171,13 @@ class StageRunner:
                 model_flops=float(stats[3]), hardware_flops=float(stats[4]),
                 mem_allocated=self._mem("max_memory_allocated"), mem_reserved=self._mem("max_memory_reserved"),
                 rss=rss_bytes(), tokens_per_s_per_proc=float(stats[0]) / dt / self.world_size,
+                warmup=step < warm,
             )
             records.append(rec)
             if self.rank == 0:
                 events.write(rec.to_dict())
             progress.update_to(step + 1, loss=rec.loss, tok_s=rec.tokens_per_s_per_proc)
         progress.close()
-        warm = warmup_steps(len(records))
-        for r in records[:warm]:
-            r.warmup = True
         self.save_outputs(engine, model, tokenizer)
         total = self.info.memory_bytes[0] if self.info.memory_bytes else 0
         summary = summarize(records, world_size=self.world_size, stage_wall_s=time.perf_counter() - t_stage,

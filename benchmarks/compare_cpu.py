@@ -1,0 +1,226 @@
+"""accelbench vs the HF Trainer + DeepSpeed peer on the same model, data and settings (CPU, ``tiny``).
+
+Each repeat runs both paths as fresh processes, alternating which goes first (A/B, B/A, ...), so slow
+drift of a shared machine lands on both; the table reports every run and the median of the repeats.
+
+    python benchmarks/compare_cpu.py                      # finetune, 20 steps, 3 repeats (~2.5 min on 2 cores)
+    python benchmarks/compare_cpu.py --stage pretrain --steps 30 --repeats 5
+
+Throughput is real (non-pad) tokens per second per process over the steady steps (accelbench's
+warm-up rule, ``metrics.warmup_steps``), from each path's own per-step timing; ``wall s`` is the whole
+process (imports, data, model build, engine start) and is shown for information only.
+
+``benchmarks/gpu/compare_peer.py`` reuses ``run_accelbench``/``run_peer``/``print_table`` from here.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+ROOT = Path(__file__).resolve().parents[1]
+PEER_SCRIPT = ROOT / "benchmarks" / "hf_peer.py"
+ACCELBENCH = "accelbench"
+PEER = "hf-trainer"
+
+
+@dataclass
+class Settings:
+    """What both paths are given."""
+    case: str = "tiny"
+    stage: str = "finetune"
+    steps: int = 20
+    mbs: int | None = None
+    gas: int = 1
+    seq: int = 2048
+    nproc: int = 1
+    seed: int = 0
+    data: str | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class RunResult:
+    path: str
+    repeat: int
+    summary: dict[str, Any]
+    wall_s: float
+
+    @property
+    def tps(self) -> float:
+        return float(self.summary["tokens_per_s_per_proc"])
+
+    @property
+    def loss(self) -> float:
+        return float(self.summary["loss_last"])
+
+
+def child_env(s: Settings) -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")
+    # CPU: the same threads per process for both (accelbench sets this itself; torchrun would set 1).
+    env["OMP_NUM_THREADS"] = env.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // s.nproc))
+    env.update(s.extra_env)
+    return env
+
+
+def _run(cmd: list[str], env: dict[str, str], log: Path, timeout: float) -> float:
+    t0 = time.perf_counter()
+    with open(log, "w", encoding="utf-8") as fh:
+        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT), timeout=timeout)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        tail = log.read_text(encoding="utf-8", errors="replace")[-3000:]
+        raise RuntimeError(f"{' '.join(cmd[:6])} ... failed (exit {proc.returncode}); log {log}:\n{tail}")
+    return wall
+
+
+def run_accelbench(s: Settings, out: Path, repeat: int, timeout: float = 1800) -> RunResult:
+    out = out / f"accelbench-{repeat}"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    cmd = [sys.executable, "-m", "accelbench.cli", "run", "--case", s.case, "--stages", s.stage,
+           "--steps", str(s.steps), "--gas", str(s.gas), "--seq", str(s.seq), "--seed", str(s.seed),
+           "--nproc-per-node", str(s.nproc), "--no-eval", "--quiet", "--out", str(out / "run")]
+    if s.mbs is not None:
+        cmd += ["--mbs", str(s.mbs)]
+    if s.data:
+        cmd += ["--data", s.data]
+    wall = _run(cmd, child_env(s), out / "log.txt", timeout)
+    summary = json.loads((out / "run" / s.stage / "summary.json").read_text())
+    return RunResult(ACCELBENCH, repeat, summary, wall)
+
+
+def run_peer(s: Settings, out: Path, repeat: int, timeout: float = 1800, torchrun: bool | None = None) -> RunResult:
+    out = out / f"peer-{repeat}"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    args = ["--case", s.case, "--stage", s.stage, "--steps", str(s.steps), "--gas", str(s.gas),
+            "--seq", str(s.seq), "--seed", str(s.seed), "--quiet", "--out", str(out / "run")]
+    if s.mbs is not None:
+        args += ["--mbs", str(s.mbs)]
+    if s.data:
+        args += ["--data", s.data]
+    if torchrun if torchrun is not None else s.nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(s.nproc),
+               str(PEER_SCRIPT), *args]
+    else:
+        cmd = [sys.executable, str(PEER_SCRIPT), *args]
+    wall = _run(cmd, child_env(s), out / "log.txt", timeout)
+    summary = json.loads((out / "run" / "peer_summary.json").read_text())
+    return RunResult(PEER, repeat, summary, wall)
+
+
+def run_interleaved(s: Settings, out: Path, repeats: int, *, peer_torchrun: bool | None = None,
+                    quiet: bool = False) -> list[RunResult]:
+    """A/B, B/A, A/B, ...: the path that runs first alternates every repeat."""
+    results: list[RunResult] = []
+    for r in range(repeats):
+        order = ("accelbench", "peer") if r % 2 == 0 else ("peer", "accelbench")
+        for which in order:
+            res = run_accelbench(s, out, r) if which == "accelbench" else run_peer(s, out, r, torchrun=peer_torchrun)
+            results.append(res)
+            if not quiet:
+                print(f"  repeat {r + 1}/{repeats} {res.path:>10}: {res.tps:8.1f} tok/s/proc, "
+                      f"loss {res.loss:.4f}, wall {res.wall_s:.1f}s", flush=True)
+    return results
+
+
+def median_of(results: Sequence[RunResult], path: str, key: str) -> float | None:
+    values = [r.summary.get(key) for r in results if r.path == path]
+    values = [float(v) for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def print_table(results: Sequence[RunResult], s: Settings, columns: Sequence[tuple[str, str, str]]) -> str:
+    """One markdown table: every run, then the medians and the accelbench / peer ratio.
+
+    ``columns``: (header, summary key, format) triples.
+    """
+    head = ["run", "path", *[c[0] for c in columns], "wall s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(" --- " for _ in head) + "|"]
+
+    def fmt(value: Any, spec: str) -> str:
+        return "n/a" if value is None else format(value, spec)
+
+    for r in results:
+        cells = [str(r.repeat + 1), r.path, *[fmt(r.summary.get(k), f) for _, k, f in columns], f"{r.wall_s:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    for path in (ACCELBENCH, PEER):
+        cells = ["median", path, *[fmt(median_of(results, path, k), f) for _, k, f in columns],
+                 fmt(statistics.median([r.wall_s for r in results if r.path == path]), ".1f")]
+        lines.append("| " + " | ".join(cells) + " |")
+    ratio_cells = []
+    for _, k, _f in columns:
+        a, p = median_of(results, ACCELBENCH, k), median_of(results, PEER, k)
+        ratio_cells.append(f"{a / p:.3f}" if a is not None and p else "n/a")
+    lines.append("| ratio | accelbench / peer | " + " | ".join(ratio_cells) + " | |")
+    table = "\n".join(lines)
+    print(table)
+    return table
+
+
+CPU_COLUMNS = [
+    ("tokens/s per process", "tokens_per_s_per_proc", ".1f"),
+    ("step s (median)", "step_time_s_median", ".3f"),
+    ("padding eff.", "padding_efficiency", ".3f"),
+    (f"loss after N steps", "loss_last", ".4f"),
+    ("peak RSS MiB", "mem_rss_peak_mib", ".0f"),
+]
+
+
+def add_derived(results: Sequence[RunResult]) -> None:
+    for r in results:
+        rss = r.summary.get("mem_rss_peak")
+        r.summary["mem_rss_peak_mib"] = rss / 2**20 if rss else None
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--case", default="tiny")
+    p.add_argument("--stage", default="finetune", choices=("pretrain", "finetune"))
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--mbs", type=int)
+    p.add_argument("--gas", type=int, default=1)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--nproc", type=int, default=1, help="processes per path (peer through torchrun when > 1)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", help="LLaVA-format data folder (default: accelbench's synthetic set)")
+    p.add_argument("--out", help="folder for logs and summaries (default: a temporary folder)")
+    p.add_argument("--json", help="also write the results here")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    a = parse_args(argv)
+    s = Settings(case=a.case, stage=a.stage, steps=a.steps, mbs=a.mbs, gas=a.gas, seq=a.seq, nproc=a.nproc,
+                 seed=a.seed, data=a.data)
+    out = Path(a.out) if a.out else Path(tempfile.mkdtemp(prefix="accelbench-compare-"))
+    print(f"{a.case} {a.stage}: {a.steps} steps x {a.repeats} repeats, {a.nproc} process(es); logs in {out}",
+          flush=True)
+    results = run_interleaved(s, out, a.repeats)
+    add_derived(results)
+    steady = results[0].summary.get("steady_steps")
+    print(f"\nsteady steps per run: {steady} of {a.steps} (warm-up excluded as accelbench's metrics.warmup_steps)")
+    print_table(results, s, CPU_COLUMNS)
+    a_tps, p_tps = median_of(results, ACCELBENCH, "tokens_per_s_per_proc"), median_of(results, PEER, "tokens_per_s_per_proc")
+    print(f"\naccelbench {a_tps:.1f} vs peer {p_tps:.1f} tokens/s per process: ratio {a_tps / p_tps:.3f} "
+          f"({'accelbench faster' if a_tps >= p_tps else 'accelbench SLOWER'})")
+    if a.json:
+        Path(a.json).write_text(json.dumps([{"path": r.path, "repeat": r.repeat, "wall_s": r.wall_s,
+                                             "summary": r.summary} for r in results], indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""End-to-end training on the CPU backend: the embedded default, 2 processes, and 2 loopback nodes."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    return {**os.environ, "ACCELBENCH_CACHE": str(tmp_path / "cache")}
+
+
+def _accelbench(*args: str, tmp_path: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "accelbench", *args], capture_output=True, text=True,
+                          env=_env(tmp_path), timeout=timeout, cwd=str(tmp_path))
+
+
+def test_embedded_default_fills_every_column(tmp_path):
+    out = _accelbench("run", tmp_path=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    run_dirs = list((tmp_path / "runs").iterdir())
+    assert len(run_dirs) == 1
+    run = run_dirs[0]
+    result = json.loads((run / "result.json").read_text())
+    assert result["status"] == "ok" and result["schema"] == "accelbench.result/1"
+    assert result["environment"]["backend"] == "cpu"
+    for stage in ("pretrain", "finetune"):
+        m = result["stages"][stage]["metrics"]
+        assert m["steps"] == 20 and m["tokens_per_s_per_proc"] > 0
+        assert 0 < m["mfu"] < 1 and m["hfu"] >= m["mfu"] and m["mfu_flagperf"] > 0
+        assert m["loss_mean_last_n"] < m["loss_first"]  # it learns
+        assert (run / stage / "deepspeed_config.json").exists()
+    assert 0 <= result["mmmu"]["accuracy"] <= 1 and (run / "mmmu.json").exists()
+    events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+    assert len(events) == 40 and {e["stage"] for e in events} == {"pretrain", "finetune"}
+    # the printed table: every cell filled; "/" only for MMMU of the pretrain stage
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| ") and "(p" in line or "(f" in line]
+    pre = next(r for r in rows if "(pretrain)" in r).split("|")[1:-1]
+    fin = next(r for r in rows if "(finetune)" in r).split("|")[1:-1]
+    header = [c.strip() for c in out.stdout.splitlines()[next(i for i, l in enumerate(out.stdout.splitlines()) if l.startswith("| config"))].split("|")[1:-1]]
+    for name, cell in zip(header, pre):
+        assert cell.strip() != "/" or name in ("acc(MMMU)",), name
+    assert all(cell.strip() != "/" for cell in fin)
+    assert "random weights: throughput and memory only" in out.stdout
+    report = (run / "report.md").read_text()
+    for section in ("#### Environment", "Parallel strategy", "Optimisation strategy", "Pre-run changes",
+                    "Input batch sizes", "General metrics", "* Performance"):
+        assert section in report
+
+
+def test_two_processes_gloo(tmp_path):
+    out = _accelbench("run", "--nproc-per-node", "2", "--steps", "4", "--no-eval", "--out", str(tmp_path / "r"),
+                      tmp_path=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads((tmp_path / "r" / "result.json").read_text())
+    assert result["parallel_strategy"]["world_size"] == 2
+    for stage, zero in (("pretrain", 2), ("finetune", 3)):
+        entry = result["stages"][stage]
+        assert entry["plan"]["zero_stage"] == zero and entry["batch"]["GBS"] == 2 * entry["batch"]["LBS"]
+        assert entry["metrics"]["steps"] == 4
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_on_loopback(tmp_path):
+    port = str(_free_port())
+    common = ["run", "--nnodes", "2", "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", port,
+              "--steps", "3", "--no-eval", "--stages", "finetune"]
+    env = _env(tmp_path)
+    # both "nodes" share one synthesized cache: make it first so they do not race on it
+    prep = subprocess.run([sys.executable, "-m", "accelbench", "data", "synth", "--out", str(tmp_path / "data")],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert prep.returncode == 0, prep.stderr
+    procs = [subprocess.Popen([sys.executable, "-m", "accelbench", *common, "--node-rank", str(r),
+                               "--data", str(tmp_path / "data"), "--out", str(tmp_path / f"node{r}")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=str(tmp_path))
+             for r in (0, 1)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (so, se) in zip(procs, outs):
+        assert p.returncode == 0, se[-3000:]
+    result = json.loads((tmp_path / "node0" / "result.json").read_text())
+    assert result["parallel_strategy"]["nnodes"] == 2 and result["parallel_strategy"]["world_size"] == 2
+    assert result["stages"]["finetune"]["metrics"]["steps"] == 3
+    assert result["stages"]["finetune"]["batch"]["GBS"] == 2 * result["stages"]["finetune"]["batch"]["LBS"]
