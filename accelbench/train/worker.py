@@ -21,6 +21,8 @@ def rank_main(cfg_dict: dict[str, Any]) -> dict[str, Any] | None:
     if cfg.threads_per_rank:
         os.environ["OMP_NUM_THREADS"] = str(cfg.threads_per_rank)
 
+    from ..worker_env import quiet_framework_logs
+
     quiet_framework_logs()
     import torch
 
@@ -70,13 +72,3 @@ def rank_main(cfg_dict: dict[str, Any]) -> dict[str, Any] | None:
         events.close()
     return summaries if rank == 0 else None
 
-
-def quiet_framework_logs() -> None:
-    """Drop per-step noise that buries the progress lines; real warnings still show."""
-    import logging
-    import warnings
-
-    # every ZeRO step on torch >= 2.13 warns that DeepSpeed's collectives use deprecated names
-    warnings.filterwarnings("ignore", message=r".*(reduce_scatter_tensor|all_gather_into_tensor).*deprecated",
-                            category=FutureWarning)
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)

@@ -1,0 +1,112 @@
+"""accelbench vs the HF Trainer + DeepSpeed peer on the lent GPU machine (same model, data, settings).
+
+On the device machine (after ``bash benchmarks/gpu/setup_device.sh``, which installs deepspeed,
+transformers and this project into /tmp/site):
+
+    PYTHONPATH=/tmp/site python3 benchmarks/gpu/compare_peer.py --case llava1.5-7b --stage finetune \\
+        --mbs 16 --steps 20 --nproc 2 --fixed-len 1024
+
+Both paths get N GPUs through torch's elastic launcher: the peer as
+``python -m torch.distributed.run --standalone --nproc-per-node N benchmarks/hf_peer.py ...``, accelbench as
+``accelbench run --nproc-per-node N ...`` (torchrun's machinery in-process).  ``--fixed-len L`` writes a data
+folder where every sample is exactly L tokens with one image (576 image tokens for the real presets) and
+hands it to both (FINDINGS.md's peer measurement setting).  Runs alternate A/B, B/A per repeat.
+
+The table: tokens/s per GPU (real tokens, steady steps), MFU and HFU from accelbench's analytic FLOPs
+(``flops.step_flops``, computed per micro-batch by both paths) against ``--peak-tflops`` (989.4: H200 dense
+bf16), peak allocated memory on rank 0, padding efficiency, loss after N steps, and accelbench / peer.
+
+CPU smoke test of this script (runs here): ``python benchmarks/gpu/compare_peer.py --case tiny --nproc 1
+--steps 3 --repeats 1 --fixed-len 256``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # benchmarks/: compare_cpu (the shared runners)
+sys.path.insert(0, str(HERE))
+
+import compare_cpu as cc  # noqa: E402
+
+H200_BF16_PEAK_TFLOPS = 989.4
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--case", default="llava1.5-7b", help="llava1.5-7b, llava1.5-13b (tiny: CPU smoke test)")
+    p.add_argument("--stage", default="finetune", choices=("pretrain", "finetune"))
+    p.add_argument("--mbs", type=int, help="micro-batch per GPU (default: the stage's LLaVA value, 32/16)")
+    p.add_argument("--gas", type=int, default=1)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--nproc", type=int, default=1, help="GPUs (processes) per path")
+    p.add_argument("--seq", type=int, default=2048, help="model_max_length")
+    p.add_argument("--fixed-len", type=int, help="every sample exactly this many tokens (one image each), e.g. 1024")
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--peak-tflops", type=float, default=H200_BF16_PEAK_TFLOPS,
+                   help="per-device dense peak for MFU/HFU (default: H200 bf16, 989.4)")
+    p.add_argument("--data", help="LLaVA-format data folder (default: accelbench's synthetic set)")
+    p.add_argument("--out", help="folder for data, logs and summaries (default: a temporary folder)")
+    p.add_argument("--json", help="also write the results here")
+    a = p.parse_args(argv)
+    if a.fixed_len and a.data:
+        p.error("--fixed-len builds its own data folder: drop --data")
+    if a.fixed_len and a.fixed_len > a.seq:
+        p.error(f"--fixed-len {a.fixed_len} exceeds --seq {a.seq}")
+    return a
+
+
+def add_utilisation(results: Sequence[cc.RunResult], peak_flops: float) -> None:
+    """MFU/HFU against one stated peak for both paths, peak memory in GiB."""
+    for r in results:
+        s = r.summary
+        s["mfu_vs_peak"] = s["model_flops_per_s_per_proc"] / peak_flops if s.get("model_flops_per_s_per_proc") else None
+        s["hfu_vs_peak"] = (s["hardware_flops_per_s_per_proc"] / peak_flops
+                            if s.get("hardware_flops_per_s_per_proc") else None)
+        s["mem_peak_gib"] = s["mem_peak_allocated"] / 2**30 if s.get("mem_peak_allocated") else None
+
+
+GPU_COLUMNS = [
+    ("tokens/s per GPU", "tokens_per_s_per_proc", ".1f"),
+    ("step s (median)", "step_time_s_median", ".3f"),
+    ("MFU", "mfu_vs_peak", ".2%"),
+    ("HFU", "hfu_vs_peak", ".2%"),
+    ("peak mem GiB", "mem_peak_gib", ".2f"),
+    ("padding eff.", "padding_efficiency", ".3f"),
+    ("loss after N steps", "loss_last", ".4f"),
+]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    a = parse_args(argv)
+    out = Path(a.out) if a.out else Path(tempfile.mkdtemp(prefix="accelbench-peer-gpu-"))
+    data = a.data
+    if a.fixed_len:
+        from fixed_len import make_fixed_len_data
+
+        data = str(make_fixed_len_data(out / f"data-fixed{a.fixed_len}-{a.case}", case=a.case, length=a.fixed_len,
+                                       seed=a.seed))
+    s = cc.Settings(case=a.case, stage=a.stage, steps=a.steps, mbs=a.mbs, gas=a.gas, seq=a.seq, nproc=a.nproc,
+                    seed=a.seed, data=data)
+    print(f"{a.case} {a.stage}: {a.nproc} GPU(s), mbs {a.mbs or 'default'}, gas {a.gas}, {a.steps} steps x "
+          f"{a.repeats} repeat(s), {'fixed ' + str(a.fixed_len) + ' tokens' if a.fixed_len else 'variable lengths'}; "
+          f"logs in {out}", flush=True)
+    results = cc.run_interleaved(s, out, a.repeats, peer_torchrun=True)
+    add_utilisation(results, a.peak_tflops * 1e12)
+    print(f"\nMFU/HFU: accelbench's analytic FLOPs per GPU-second / {a.peak_tflops} TFLOP/s; "
+          f"steady steps {results[0].summary.get('steady_steps')} of {a.steps}")
+    cc.print_table(results, s, GPU_COLUMNS)
+    if a.json:
+        Path(a.json).write_text(json.dumps([{"path": r.path, "repeat": r.repeat, "wall_s": r.wall_s,
+                                             "summary": r.summary} for r in results], indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
