@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from .errors import ConfigError
 
 # Packages whose presence changes what a backend can run; checked with find_spec (no import).
-KNOWN_PACKAGES = ("flash_attn", "liger_kernel", "deepspeed", "transformers", "pynvml")
+KNOWN_PACKAGES = ("flash_attn", "liger_kernel", "deepspeed", "transformers", "pynvml", "torch.nn.attention.varlen")
 EVIDENCE_PATHS = ("/usr/local/corex",)
 EVIDENCE_TOOLS = ("ixsmi", "nvidia-smi", "rocm-smi")
 
@@ -46,6 +46,17 @@ class MachineFacts:
         return replace(self, packages=self.packages | frozenset(names))
 
 
+def _importable() -> frozenset[str]:
+    found = set()
+    for name in KNOWN_PACKAGES:
+        try:
+            if importlib.util.find_spec(name) is not None:
+                found.add(name)
+        except ImportError:  # a submodule whose parent package is missing
+            pass
+    return frozenset(found)
+
+
 def _cpu_facts() -> tuple[str, frozenset[str]]:
     name, flags = platform.processor() or platform.machine(), frozenset()
     try:
@@ -72,7 +83,7 @@ def _host_memory() -> int:
 def probe_machine() -> MachineFacts:
     """Read this machine. Imports torch (but never deepspeed or transformers)."""
     cpu_name, cpu_flags = _cpu_facts()
-    packages = frozenset(p for p in KNOWN_PACKAGES if importlib.util.find_spec(p) is not None)
+    packages = _importable()
     base = dict(
         packages=packages,
         paths=frozenset(p for p in EVIDENCE_PATHS if os.path.exists(p)),
@@ -127,8 +138,15 @@ def describe_machine(device_name: str, device_memory: int, count: int = 1, *, to
     Packages default to this host's, so a plan reflects what this environment could import.
     """
     if packages is None:
-        packages = frozenset(p for p in KNOWN_PACKAGES if importlib.util.find_spec(p) is not None)
+        packages = _importable()
     cap = capability or _guess_capability(device_name)
+    if torch_version is None:  # the described machine runs this environment's torch release
+        from importlib import metadata
+
+        try:
+            torch_version = metadata.version("torch")
+        except metadata.PackageNotFoundError:
+            torch_version = "unknown"
     return MachineFacts(
         torch_version=torch_version, cuda_available=True, device_names=(device_name,) * count,
         device_memory=(device_memory,) * count, capabilities=(cap,) * count, packages=packages,

@@ -51,6 +51,7 @@ class RunPlan:
     tf32: bool = CASE_TF32
     attn_implementation: str = CASE_ATTENTION
     grad_ckpt: bool = True
+    packed: bool = False  # unpadded micro-batches (varlen attention): from the chosen attention implementation
     env: dict[str, str] = field(default_factory=dict)
     adjustments: list[Adjustment] = field(default_factory=list)
     memory: dict[str, Any] | None = None  # the memory estimate at the chosen micro-batch
@@ -96,6 +97,7 @@ class RunPlan:
             "GAS": self.grad_accum, "GBS": self.global_batch, "MPE": self.seq_len,
             "zero_stage": self.zero_stage, "lr": self.lr, "dtype": self.dtype, "tf32": self.tf32,
             "attn_implementation": self.attn_implementation, "gradient_checkpointing": self.grad_ckpt,
+            "packed": self.packed,
             "env": dict(self.env), "adjustments": [a.to_dict() for a in self.adjustments],
             "memory_estimate": self.memory, "usable_memory_bytes": self.usable_memory, "notes": list(self.notes),
         }
@@ -208,6 +210,7 @@ def _resolve_capabilities(plan: RunPlan, backend: Any) -> None:
         why = (f"{plan.attn_implementation} needs {', '.join(missing[0].packages)}, not importable here"
                if missing else f"backend {backend.name} prefers {usable[0].name}")
         plan.record(plan.change("attn_implementation", usable[0].name, why, backend.name))
+    plan.packed = usable[0].varlen
     for key, value in usable[0].env.items():
         if plan.env.get(key) != value:
             plan.adjustments.append(Adjustment(f"env {key}", plan.env.get(key), value,

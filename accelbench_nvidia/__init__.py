@@ -16,6 +16,7 @@ from .peak_table import lookup
 NAME = "nvidia"
 __version__ = "0.1.0"
 DTYPES = ("bf16", "fp16", "tf32", "fp32")
+TORCH_VARLEN = "torch.nn.attention.varlen"
 
 
 def not_nvidia_reason(machine: MachineFacts) -> str | None:
@@ -88,7 +89,9 @@ def accelbench_attention(backend: str, machine: MachineFacts) -> AttentionCapabi
     if backend != NAME:
         return None
     impls = [AttentionImpl("sdpa", varlen=False), AttentionImpl("eager", varlen=False)]
-    if _min_capability(machine) >= (8, 0):  # flash-attn 2 needs Ampere or newer
+    if _min_capability(machine) >= (8, 0):  # flash kernels need Ampere or newer
+        # sdpa taking unpadded input through torch's own flash varlen kernel (no flash_attn needed)
+        impls.insert(0, AttentionImpl("sdpa", varlen=True, packages=(TORCH_VARLEN,)))
         impls.insert(0, AttentionImpl("flash_attention_2", varlen=True, packages=("flash_attn",)))
     return AttentionCapability(tuple(impls))
 

@@ -54,7 +54,7 @@ def test_plan_nvidia_a800(cli, assume, attention):
 
 @pytest.mark.parametrize("args,needle", [
     (("plan", "--backend", "tpu"), "unknown backend 'tpu'"),
-    (("plan", "--device-name", "X", "--device-memory", "-3GiB"), "--device-memory '-3GiB'"),
+    (("plan", "--device-name", "X", "--device-memory=-3GiB"), "--device-memory '-3GiB'"),
     (("plan", "--device-name", "X", "--device-memory", "0GB"), "--device-memory '0GB'"),
     (("plan", "--device-name", "X", "--device-memory", "lots"), "--device-memory 'lots'"),
     (("plan", "--nproc", "-2"), "--nproc -2"),

@@ -126,8 +126,10 @@ def _lm_head_fwd(preset: ModelPreset, tokens: int) -> int:
     return 2 * preset.llm.vocab * preset.llm.hidden * tokens
 
 
-def _terms(preset: ModelPreset, seq_lens: Sequence[int], n_images: int, stage: str) -> dict[str, int]:
+def _terms(preset: ModelPreset, seq_lens: Sequence[int], n_images: int, stage: str,
+           lm_head_tokens: int | None = None) -> dict[str, int]:
     tokens = sum(seq_lens)
+    head_tokens = tokens if lm_head_tokens is None else lm_head_tokens
     k = _backward_factor(stage)
     return {
         "vision_fwd": _vision_fwd(preset, n_images),
@@ -136,7 +138,7 @@ def _terms(preset: ModelPreset, seq_lens: Sequence[int], n_images: int, stage: s
         # Attention has no weights: its backward needs dQ, dK, dV (two matmuls per forward matmul)
         # in both stages, because the gradient flows through it either way.
         "llm_attention": 3 * _llm_attention_fwd(preset, seq_lens),
-        "lm_head": (1 + k) * _lm_head_fwd(preset, tokens),
+        "lm_head": (1 + k) * _lm_head_fwd(preset, head_tokens),
     }
 
 
@@ -189,6 +191,7 @@ def step_flops(
     padded_len: int | None = None,
     frozen_vision_backward: bool | None = None,
     recompute_early_stop: bool = True,
+    lm_head_tokens: int | None = None,
 ) -> FlopBreakdown:
     """FLOPs of forward + backward over the given sequences.
 
@@ -200,6 +203,9 @@ def step_flops(
     ``_vision_grad_path``); ``None`` means "as transformers does it": exactly when ``grad_ckpt``.
     ``recompute_early_stop``: torch's non-reentrant checkpoint early stop (default on); pass False
     for reentrant checkpointing, which replays the whole layer.
+    ``lm_head_tokens``: positions whose logits are computed, when the objective computes them only
+    at target positions (accelbench's ``objective.selected_cross_entropy``, which also recomputes
+    them once in backward); None means every position, as transformers' own loss does.
     Pass one micro-batch for per-micro-batch FLOPs, or all sequences of a step for per-step.
     """
     if stage not in STAGES:
@@ -217,12 +223,14 @@ def step_flops(
     if frozen_vision_backward is None:
         frozen_vision_backward = grad_ckpt
 
-    terms = _terms(preset, lens, n_images, stage)
+    terms = _terms(preset, lens, n_images, stage, lm_head_tokens)
     model = sum(terms.values())
 
     hw_lens = [padded_len] * len(lens) if padded_len is not None else lens
-    hw_terms = sum(_terms(preset, hw_lens, n_images, stage).values())
+    hw_terms = sum(_terms(preset, hw_lens, n_images, stage, lm_head_tokens).values())
     recompute = _llm_recompute(preset, hw_lens, recompute_early_stop) if grad_ckpt else 0
+    if lm_head_tokens is not None:
+        recompute += _lm_head_fwd(preset, lm_head_tokens)  # chunked logits are recomputed in backward
     vision_bwd = vision_recompute = 0
     if frozen_vision_backward:
         vision_bwd, vision_recompute = _vision_grad_path(preset, n_images, grad_ckpt, recompute_early_stop)

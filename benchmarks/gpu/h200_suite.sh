@@ -13,15 +13,15 @@ for phase in "$@"; do
   echo "=== $phase ($(date +%T))"
   case $phase in
     info)
-      accelbench backends | tee "$OUT/backends.txt"
-      accelbench info | tee "$OUT/info.txt"
-      accelbench info --json > "$OUT/info.json"
+      python3 -m accelbench backends | tee "$OUT/backends.txt"
+      python3 -m accelbench info | tee "$OUT/info.txt"
+      python3 -m accelbench info --json > "$OUT/info.json"
       nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$OUT/info.txt" ;;
     run7b)
-      timeout 420 accelbench run --case llava1.5-7b --nproc-per-node "$NPROC" --steps 12 --no-eval --out /tmp/r7b \
+      timeout 420 python3 -m accelbench run --case llava1.5-7b --nproc-per-node "$NPROC" --steps 12 --no-eval --out /tmp/r7b \
         2>&1 | grep -v "INFO" | tail -40; keep /tmp/r7b run7b ;;
     run13b)
-      timeout 500 accelbench run --case llava1.5-13b --nproc-per-node "$NPROC" --steps 12 --no-eval --out /tmp/r13b \
+      timeout 500 python3 -m accelbench run --case llava1.5-13b --nproc-per-node "$NPROC" --steps 12 --no-eval --out /tmp/r13b \
         2>&1 | grep -v "INFO" | tail -40; keep /tmp/r13b run13b ;;
     mem7b|mem13b)
       case=llava1.5-${phase#mem}

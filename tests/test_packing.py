@@ -1,0 +1,97 @@
+"""Packing: no token attends across a sample boundary, and the objective equals transformers' loss."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from accelbench.cases import PRESETS
+from accelbench.train.data import IGNORE_INDEX, collate
+from accelbench.train.objective import LlavaObjective, selected_cross_entropy
+from accelbench.train.packing import collate_packed
+from accelbench.train.varlen_attention import register
+
+IMAGE = 1023
+
+
+def _sample(i: int, n_text: int, image: bool, g: torch.Generator) -> dict:
+    n_img = PRESETS["tiny"].vision.image_tokens
+    ids = torch.randint(3, 1000, (n_text,), generator=g)
+    labels = ids.clone()
+    labels[: n_text // 3] = IGNORE_INDEX  # a prompt part that is not trained on
+    if image:
+        ids = torch.cat([ids[:1], torch.full((n_img,), IMAGE), ids[1:]])
+        labels = torch.cat([labels[:1], torch.full((n_img,), IGNORE_INDEX), labels[1:]])
+    labels[0] = IGNORE_INDEX
+    pix = torch.randn(3, 56, 56, generator=g) if image else None
+    return {"id": str(i), "input_ids": ids, "labels": labels, "pixel_values": pix}
+
+
+@pytest.fixture(scope="module")
+def model():
+    from transformers import LlavaForConditionalGeneration
+
+    torch.manual_seed(0)
+    name = register()
+    m = LlavaForConditionalGeneration._from_config(PRESETS["tiny"].llava_config(image_token_id=IMAGE),
+                                                   attn_implementation=name)
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def samples():
+    g = torch.Generator().manual_seed(1)
+    return [_sample(0, 40, True, g), _sample(1, 7, False, g), _sample(2, 90, True, g), _sample(3, 25, True, g)]
+
+
+def _per_token_losses(model, batch):
+    out = model.model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], attention_mask=None,
+                      position_ids=batch["position_ids"], cu_seq_lens_q=batch["cu_seq_lens_q"],
+                      cu_seq_lens_k=batch["cu_seq_lens_k"], max_length_q=batch["max_length_q"],
+                      max_length_k=batch["max_length_k"])
+    logits = model.lm_head(out.last_hidden_state)[0, :-1]
+    y = batch["labels"][0, 1:]
+    return F.cross_entropy(logits, y, reduction="none", ignore_index=IGNORE_INDEX), y
+
+
+def test_packed_batch_matches_samples_run_one_by_one(model, samples):
+    packed = collate_packed(samples, pad_token_id=0)
+    assert packed["input_ids"].shape == (1, sum(packed["seq_lens"])) and packed["real_tokens"] == packed["padded_tokens"]
+    with torch.no_grad():
+        token_losses, y = _per_token_losses(model, packed)
+        bounds = packed["cu_seq_lens_q"].tolist()
+        for i, s in enumerate(samples):
+            a, b = bounds[i], bounds[i + 1]
+            # targets of sample i sit at shifted positions a..b-2 (position b-1 would predict sample i+1)
+            mask = y[a:b - 1] != IGNORE_INDEX
+            packed_loss = token_losses[a:b - 1][mask].mean()
+            alone = model(input_ids=s["input_ids"][None], labels=s["labels"][None],
+                          pixel_values=None if s["pixel_values"] is None else s["pixel_values"][None]).loss
+            assert packed_loss.item() == pytest.approx(alone.item(), rel=1e-5, abs=1e-5), f"sample {i}"
+        # the boundary position between samples is never a target
+        assert all(y[bounds[i + 1] - 1] == IGNORE_INDEX for i in range(len(samples) - 1))
+
+
+def test_objective_equals_transformers_loss_on_padded_batch(model, samples):
+    padded = collate(samples, pad_token_id=0)
+    packed = collate_packed(samples, pad_token_id=0)
+    objective = LlavaObjective(model)
+    with torch.no_grad():
+        reference = model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"],
+                          labels=padded["labels"], pixel_values=padded["pixel_values"]).loss
+        ours = objective(**{k: packed[k] for k in ("input_ids", "labels", "pixel_values", "position_ids",
+                                                   "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")})
+    assert ours.item() == pytest.approx(reference.item(), rel=1e-5)
+
+
+def test_chunked_loss_gradients_match_unchunked():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False)
+    hidden = torch.randn(1, 33, 16, requires_grad=True)
+    labels = torch.randint(0, 50, (1, 33))
+    labels[0, :5] = IGNORE_INDEX
+    loss_chunked = selected_cross_entropy(head, hidden, labels, chunk=4)
+    g1 = torch.autograd.grad(loss_chunked, [hidden, head.weight])
+    ref = F.cross_entropy(head(hidden[:, :-1]).reshape(-1, 50), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
+    g2 = torch.autograd.grad(ref, [hidden, head.weight])
+    assert loss_chunked.item() == pytest.approx(ref.item(), rel=1e-6)
+    for a, b in zip(g1, g2):
+        assert torch.allclose(a, b, atol=1e-6)
