@@ -168,6 +168,26 @@ def build_dataset(data: dict[str, Any], tokenizer: Any, stage: str, preset: Any,
                         image_size=preset.vision.image_size, model_max_length=seq)
 
 
+def shared_data(opts: Any, image_size: int, vocab: int) -> dict[str, Any]:
+    """accelbench's ``prepare_data`` (same cache folder as ``accelbench run``), one rank at a time.
+
+    accelbench synthesises in its launcher before the ranks start; torchrun starts every rank of the peer
+    at once, so a file lock keeps them from writing the same cache folder together.
+    """
+    import fcntl
+
+    from accelbench.train.run import cache_dir, prepare_data
+
+    lock_dir = cache_dir()
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    with open(lock_dir / ".hf_peer.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            return prepare_data(opts, image_size, vocab)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 # --------------------------------------------------------------------------- measurement
 
 
@@ -327,6 +347,10 @@ def training_arguments(args: argparse.Namespace, *, mbs: int, lr: float, dtype: 
     kw["activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"] = True
     if on_cuda:
         kw["tf32"] = True  # LLaVA's scripts pass --tf32 True
+    elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # accelerate counts CPU processes only with use_cpu (else it reports world size 1 and the
+        # Trainer's batch arithmetic disagrees with the DeepSpeed config); the engine is still DeepSpeed's.
+        kw["use_cpu"] = True
     if "eval_strategy" in fields:
         kw["eval_strategy"] = "no"
     return TrainingArguments(**kw)
@@ -346,7 +370,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     from accelbench.train.ds_config import deepspeed_config
     from accelbench.train.metrics import summarize
     from accelbench.train.model import build_model, freeze_for_stage
-    from accelbench.train.run import TINY_MBS, RunOptions, prepare_data
+    from accelbench.train.run import TINY_MBS, RunOptions
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -365,13 +389,20 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
 
     # Same records as `accelbench run` (same synthetic cache folder, or --data).
     vocab = preset.llm.vocab if args.case == "tiny" else 1024
-    data = prepare_data(RunOptions(case=args.case, data=args.data, seed=args.seed), preset.vision.image_size, vocab)
+    data = shared_data(RunOptions(case=args.case, data=args.data, seed=args.seed), preset.vision.image_size, vocab)
     tokenizer = AutoTokenizer.from_pretrained(data["tokenizer"])
     t_stage = time.perf_counter()  # as accelbench's StageRunner.run: data, model, engine, loop
     dataset = build_dataset(data, tokenizer, args.stage, preset, args.seq)
 
     ds_config = deepspeed_config(zero_stage=zero_stage, micro_batch=mbs, grad_accum=args.gas, world_size=world,
                                  dtype=dtype, hidden_size=preset.llm.hidden)
+    if not on_cuda and world > 1:
+        # CPU, several processes: accelerate sets the gloo group up itself (use_cpu) but never DeepSpeed's
+        # comm layer, whose world size zero.Init reads: start it first, as DeepSpeed documents for
+        # launchers other than its own (accelbench does the same in every rank).
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=info.dist_backend)
     # TrainingArguments first: with ZeRO-3 it is what makes model construction partitioned (HF's documented order).
     targs = training_arguments(args, mbs=mbs, lr=lr, dtype=dtype, ds_config=ds_config, on_cuda=on_cuda)
 
@@ -405,9 +436,10 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         "path": "hf_trainer", "case": args.case, "stage": args.stage, "world_size": world, "micro_batch": mbs,
         "grad_accum": args.gas, "dtype": dtype, "zero_stage": zero_stage, "lr": lr, "optim": str(targs.optim),
         "attn_implementation": "sdpa", "data": {k: data[k] for k in ("finetune_json", "pretrain_json", "tokenizer")},
-        "lr_schedule": args.schedule, "versions": versions(),
+        "lr_schedule": args.schedule, "versions": versions(), "engine": type(trainer.model_wrapped).__name__,
         "deepspeed_config": trainer.accelerator.state.deepspeed_plugin.deepspeed_config,
         "losses": [r.loss for r in records], "step_times": [r.time_s for r in records],
+        "real_tokens": [r.real_tokens for r in records], "padded_tokens": [r.padded_tokens for r in records],
     })
     if rank != 0:
         return None
