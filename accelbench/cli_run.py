@@ -11,14 +11,16 @@ from typing import Any
 def cmd_run(args: argparse.Namespace) -> int:
     from .report.markdown import performance_rows
     from .train.launch import LaunchSpec
-    from .train.run import RunOptions, run
+    from .train.run import DEFAULT_HANG_TIMEOUT, RunOptions, run
 
     opts = RunOptions(
         case=args.case, backend=args.backend, stages=args.stages.split(","), steps=args.steps, mbs=args.mbs,
         gas=args.gas, seq=args.seq, data=args.data, out=args.out, seed=args.seed, llm=args.llm,
         vision_tower=args.vision_tower, projector=args.projector, eval_mmmu=not args.no_eval,
         mmmu_limit=args.mmmu_limit, mmmu_generation=args.generation, bad_samples=args.bad_samples,
-        max_bad_fraction=args.max_bad_fraction, quiet=args.quiet,
+        max_bad_fraction=args.max_bad_fraction, quiet=args.quiet, zero_stage=args.zero_stage, lr=args.lr,
+        save_every=args.save_every, resume=args.resume,
+        hang_timeout=DEFAULT_HANG_TIMEOUT if args.hang_timeout is None else args.hang_timeout,
         launch=LaunchSpec(nproc_per_node=args.nproc_per_node, nnodes=args.nnodes, node_rank=args.node_rank,
                           master_addr=args.master_addr, master_port=args.master_port),
     )
@@ -88,6 +90,16 @@ def register(sub: Any) -> None:
     s.add_argument("--node-rank", type=int, default=0)
     s.add_argument("--master-addr", default="127.0.0.1")
     s.add_argument("--master-port", type=int)
+    s.add_argument("--zero-stage", type=int, help="DeepSpeed ZeRO stage 0-3 for every stage "
+                                                   "(default: 2 pretrain, 3 finetune)")
+    s.add_argument("--lr", type=float, help="peak learning rate (default: the case's, 1e-3 pretrain, 2e-5 finetune)")
+    s.add_argument("--save-every", type=int, metavar="N", help="checkpoint every N optimizer steps "
+                                                               "(SIGTERM/SIGINT always save one)")
+    s.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted or failed run from its checkpoints "
+                                                       "(other options come from the run)")
+    s.add_argument("--hang-timeout", type=float, metavar="S",
+                   help="seconds without a finished step before every rank's stacks are dumped and the run "
+                        "stops (default 1800; 0 turns it off)")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_run)
 

@@ -51,7 +51,9 @@ def accelbench_device_info(backend: str, machine: MachineFacts) -> DeviceInfo | 
 def accelbench_attention(backend: str, machine: MachineFacts) -> AttentionCapability | None:
     if backend != NAME:
         return None
-    return AttentionCapability((AttentionImpl("sdpa", varlen=False), AttentionImpl("eager", varlen=False)))
+    # sdpa over packed (unpadded) rows, one sample at a time: no pad tokens, same loss (tests/test_packing.py)
+    return AttentionCapability((AttentionImpl("sdpa", varlen=True), AttentionImpl("sdpa", varlen=False),
+                                AttentionImpl("eager", varlen=False)))
 
 
 @hookimpl

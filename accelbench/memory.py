@@ -1,19 +1,24 @@
 """Analytic peak device memory of one LLaVA-1.5 training step under DeepSpeed ZeRO-2/3.
 
 Every term is a physical allocation with its formula in ``docs/memory-model.md``.  The peak is
-``static + max(backward phase, optimizer-step phase)``, then an allocator/framework allowance:
+``static + max(phases)``, then an allocator/framework allowance:
 
-* static: parameters (working copy, ZeRO-3 partition + persistent), gradient partition, reduce
-  buckets, fp32 master weights, Adam moments -- alive for the whole step;
+* static: parameters (working copy, ZeRO-3 partition + persistent), gradient partition, ZeRO-3's
+  reduce bucket, fp32 master weights, Adam moments -- alive for the whole step;
 * backward phase (the turnaround from forward to backward, where activations peak): stored
   activations, the larger of the loss/logits working set and one decoder layer's backward working
-  set, ZeRO-3's gathered parameters, the largest full-size parameter gradient;
+  set, ZeRO-3's gathered parameters, the largest full-size parameter gradient, and ZeRO-2's reduce
+  buckets when a trainable gradient arrives while the activations are alive (finetune);
+* projector-backward phase (ZeRO-2 pretrain only): ZeRO-2 allocates its reduce buckets at the first
+  trainable gradient, which in pretrain is the projector's -- after the whole LLM backward, when
+  only the CLIP/projector activations are left;
 * optimizer-step phase (activations are gone): the fp32 gradient copy of one sub-group and the
   foreach-AdamW temporary of the same size.
 
 plus ``fragmentation`` (a fraction of the peak phase's dynamic bytes) and ``framework`` (fixed).
-``MemoryEstimate.terms`` holds the static terms plus the terms of whichever phase is larger, so they
-sum to ``total``; ``phase_terms`` keeps both phases for inspection.
+``MemoryEstimate.terms`` holds the static terms plus the terms of whichever phase is largest, so they
+sum to ``total``; ``phase_terms`` keeps every phase for inspection.  ``allocated`` is ``total``
+without the two allowances: what ``torch.cuda.max_memory_allocated()`` reports.
 """
 from __future__ import annotations
 
@@ -46,20 +51,32 @@ class MemoryPlanInput:
     fragmentation: float = 0.10  # caching-allocator slack, as a fraction of the modelled bytes
     framework_bytes: int = GiB  # CUDA context, cuBLAS/NCCL workspaces (CPU backend: 0)
     images_per_sample: int = 1  # LLaVA-1.5 data: one image per sample
+    # "hf": transformers' loss, logits at every position; "objective": accelbench's, logits only at
+    # target positions, in chunks of ``loss_chunk`` tokens recomputed in backward (train/objective.py)
+    loss_impl: str = "hf"
+    loss_chunk: int = 4096
+    packed: bool = False  # one unpadded row per micro-batch: no attention mask
 
 
 @dataclass(frozen=True)
 class MemoryEstimate:
     terms: dict[str, int]  # bytes; sums to total
     total: int  # bytes
-    peak_phase: str  # "backward" | "optimizer_step"
-    phase_terms: dict[str, dict[str, int]]  # both phases' dynamic terms, bytes
+    peak_phase: str  # "backward" | "projector_backward" | "optimizer_step"
+    phase_terms: dict[str, dict[str, int]]  # every phase's dynamic terms, bytes
+
+    @property
+    def allocated(self) -> int:
+        """Bytes held by live tensors at the peak (``torch.cuda.max_memory_allocated``): ``total``
+        without the allocator slack and the CUDA context/NCCL buffers, which that counter excludes."""
+        return self.total - self.terms.get("fragmentation", 0) - self.terms.get("framework", 0)
 
     def to_dict(self, unit: str = "GiB") -> dict[str, Any]:
         scale = _UNITS[unit]
         return {
             "unit": unit,
             "total": self.total / scale,
+            "allocated": self.allocated / scale,
             "peak_phase": self.peak_phase,
             "terms": {k: v / scale for k, v in self.terms.items()},
             "phase_terms": {p: {k: v / scale for k, v in t.items()} for p, t in self.phase_terms.items()},
@@ -145,15 +162,9 @@ def _static_terms(inp: MemoryPlanInput, zero: dict[str, Any]) -> dict[str, int]:
         terms["reduce_bucket"] = int(zero.get("reduce_bucket_size", 500_000_000)) * b
     else:
         terms["params_full"] = total_params * b  # ZeRO-2 keeps every parameter whole
-        terms["grads_partition"] = train_part * b  # grads_in_partition buffer
-        # IPG buckets: double-buffered when overlap_comm; ZeRO-2 allocates them whatever the
-        # trainable size.  allgather_bucket_size only shards the post-step all-gather, which
-        # writes in place into the flat bf16 buffer: no allocation.
-        n_buffers = 2 if zero.get("overlap_comm", False) else 1
-        if zero.get("contiguous_gradients", True):
-            terms["reduce_bucket"] = n_buffers * int(zero.get("reduce_bucket_size", 500_000_000)) * b
-        else:
-            terms["reduce_bucket"] = 0
+        # grads_in_partition buffer (allocated at the first trainable gradient, kept through the
+        # step).  ZeRO-2's reduce buckets are not static: see _zero2_reduce_buckets.
+        terms["grads_partition"] = train_part * b
     # Mixed precision keeps an fp32 master copy of the trainable partition; fp32 training does not.
     terms["master_params_fp32"] = train_part * FP32 if b < FP32 else 0
     terms["adam_moments_fp32"] = 2 * train_part * FP32
@@ -167,7 +178,7 @@ def _static_terms(inp: MemoryPlanInput, zero: dict[str, Any]) -> dict[str, int]:
 def layer_saved_bytes_per_token(inp: MemoryPlanInput) -> int:
     """Bytes autograd saves per token inside one Llama decoder layer (no score matrix).
 
-    finetune (weights trained): 2 RMSNorms × (fp32 input 4h + bf16 normed 2h), q, k, v (post-rotary)
+    finetune (weights trained): 2 RMSNorms × (fp32 input 4h + bf16 cast 2h + bf16 normed 2h), q, k, v (post-rotary)
     and the attention output kept by the attention kernel (h + 2·kv + h), its fp32 logsumexp
     (4·heads), MLP gate, act, up and act·up (4i).
     pretrain (weights frozen): linear layers keep no inputs and the norm weight-mul keeps nothing,
@@ -177,7 +188,7 @@ def layer_saved_bytes_per_token(inp: MemoryPlanInput) -> int:
     h, i, kv = t.hidden, t.intermediate, t.kv_heads * t.head_dim
     attn = (h + kv + kv + h) * b  # q, k, v (post-rotary) and the attention output
     if inp.stage == "finetune":
-        norms = 2 * (FP32 * h + b * h)
+        norms = 2 * (FP32 * h + 2 * b * h)
         mlp = 4 * i * b
     else:
         norms = 2 * FP32 * h
@@ -195,11 +206,40 @@ def _scores_bytes(inp: MemoryPlanInput) -> int:
     return inp.micro_batch * t.heads * inp.seq_len**2 * (FP32 + b)
 
 
-def _backward_terms(inp: MemoryPlanInput, zero: dict[str, Any]) -> dict[str, int]:
+def _zero2_reduce_buckets(inp: MemoryPlanInput, zero: dict[str, Any]) -> int:
+    """ZeRO-2's IPG buckets: ``reduce_bucket_size`` elements each, double-buffered with overlap_comm,
+    whatever the trainable size.  They are allocated lazily by ``setup_buckets`` from the first
+    trainable parameter's gradient hook and freed by ``_release_ipg_buffers`` at the end of the
+    backward, so they are a backward-time allocation, not a static one.  allgather_bucket_size only
+    shards the post-step all-gather, which writes in place into the flat bf16 buffer: no allocation."""
+    if not zero.get("contiguous_gradients", True):
+        return 0
+    n_buffers = 2 if zero.get("overlap_comm", False) else 1
+    return n_buffers * int(zero.get("reduce_bucket_size", 500_000_000)) * DTYPE_BYTES[inp.dtype]
+
+
+def _vision_projector_terms(inp: MemoryPlanInput) -> dict[str, int]:
     p, b = inp.preset, DTYPE_BYTES[inp.dtype]
     t, v = p.llm, p.vision
-    tokens = inp.micro_batch * inp.seq_len
     n_img = inp.micro_batch * inp.images_per_sample
+    pos = v.patches + 1
+    if inp.grad_ckpt:
+        # enable_input_require_grads makes the patch-embedding (conv) output a leaf that requires
+        # grad: its AccumulateGrad node keeps it (patches·vh), pre_layrnorm keeps its input (P·vh),
+        # and every checkpointed CLIP layer keeps its input (vL·P·vh; the last one is
+        # hidden_states[-2], the projector's input).
+        vision = n_img * v.hidden * b * ((v.layers + 1) * pos + v.patches)
+    else:  # nothing is saved but hidden_states[-2]
+        vision = n_img * pos * v.hidden * b
+    # Projector: linear_1's input is a view of hidden_states[-2] (counted above); GELU input and
+    # linear_2 input are 2·h wide.
+    return {"act_projector": n_img * v.image_tokens * 2 * t.hidden * b, "act_vision": vision}
+
+
+def _backward_terms(inp: MemoryPlanInput, zero: dict[str, Any]) -> dict[str, int]:
+    p, b = inp.preset, DTYPE_BYTES[inp.dtype]
+    t = p.llm
+    tokens = inp.micro_batch * inp.seq_len
     saved_layer = tokens * layer_saved_bytes_per_token(inp) + _scores_bytes(inp)
     terms: dict[str, int] = {}
 
@@ -209,26 +249,32 @@ def _backward_terms(inp: MemoryPlanInput, zero: dict[str, Any]) -> dict[str, int
         terms["act_all_layers"] = t.layers * saved_layer
     # The attention mask is shared by all layers: eager adds a float 4D mask, SDPA a bool one
     # (padded batches); flash-attention takes the 2-D mask.
-    mask_bytes = {"eager": b, "sdpa": 1, "flash_attention_2": 0}[inp.attn_impl]
+    mask_bytes = 0 if inp.packed else {"eager": b, "sdpa": 1, "flash_attention_2": 0}[inp.attn_impl]
     terms["attention_mask"] = inp.micro_batch * inp.seq_len**2 * mask_bytes
-    # Projector: linear_1 input, GELU input, linear_2 input (all needed: the projector trains).
-    terms["act_projector"] = n_img * v.image_tokens * (v.hidden + 2 * t.hidden) * b
-    # CLIP: transformers' checkpointing hooks make the patch embeddings require grad, so every
-    # checkpointed CLIP layer keeps its input (577 positions incl. CLS); otherwise nothing is saved
-    # but the selected hidden state.
-    clip_layers_kept = v.layers if inp.grad_ckpt else 1
-    terms["act_vision"] = n_img * (v.patches + 1) * v.hidden * b * clip_layers_kept
-    # Final RMSNorm keeps its fp32 input; finetune also keeps the bf16 normed output (lm_head's
-    # input, needed for lm_head's weight gradient and the norm weight's gradient).
-    terms["act_final_norm"] = tokens * t.hidden * (FP32 + (b if inp.stage == "finetune" else 0))
+    terms.update(_vision_projector_terms(inp))
+    if inp.grad_ckpt and inp.stage == "pretrain":
+        # enable_input_require_grads turns the frozen embed_tokens output into a leaf requiring
+        # grad; its AccumulateGrad node keeps it alive to the end of the backward.  (finetune: the
+        # output has EmbeddingBackward as grad_fn, which saves only the indices.)
+        terms["act_input_embeds"] = tokens * t.hidden * b
+    # Final RMSNorm keeps its fp32 input; finetune also keeps the bf16 cast (saved by the weight
+    # multiply for the norm weight's gradient) and the normed output (lm_head's input, for its
+    # weight gradient).
+    terms["act_final_norm"] = tokens * t.hidden * (FP32 + (2 * b if inp.stage == "finetune" else 0))
 
     # Layer backward: (recomputed) saved tensors + grads in flight inside the MLP backward
     # (d(act·up), d(act), d(up) or d(gate): 3 i-wide; incoming and residual grads: 2 h-wide).
     layer_ws = (saved_layer if inp.grad_ckpt else 0) + tokens * (3 * t.intermediate + 2 * t.hidden) * b
     layer_ws += _scores_bytes(inp)  # eager: grads of the probabilities (fp32 + bf16)
-    # Loss: bf16 logits (held by the model output) + fp32 log-softmax output (saved) + fp32 grad
-    # of that output (nll_loss backward is dense) + fp32 grad of the logits (log_softmax backward).
-    loss_ws = tokens * t.vocab * (b + 3 * FP32)
+    # Loss, at log_softmax's backward: fp32 log-softmax output (saved) + fp32 grad of that output
+    # (nll_loss backward is dense) + fp32 grad of the logits.  The bf16 logits are gone: the
+    # training loop keeps only ``.loss`` and ``logits.float()`` (ToCopyBackward) saves nothing.
+    loss_ws = 3 * FP32 * tokens * t.vocab
+    if inp.loss_impl == "objective":
+        # one chunk at a time: recomputed bf16 logits + the same three fp32 tensors, plus the target
+        # positions' hidden states gathered out of the sequence and their gradient (bounded by T).
+        chunk = min(inp.loss_chunk, tokens)
+        loss_ws = (b + 3 * FP32) * chunk * t.vocab + 2 * tokens * t.hidden * b
     if loss_ws >= layer_ws:
         terms["logits_loss"] = loss_ws
     else:
@@ -238,6 +284,22 @@ def _backward_terms(inp: MemoryPlanInput, zero: dict[str, Any]) -> dict[str, int
     terms["largest_param_grad"] = _largest_trainable_tensor(p, inp.stage) * b
     if inp.zero_stage == 3:
         terms["params_gathered"] = _gathered_params(inp, zero) * b
+    elif inp.stage == "finetune":
+        # lm_head's gradient hook fires right after the loss backward: the buckets then live
+        # through the whole LLM backward, beside the checkpoints.
+        terms["reduce_bucket"] = _zero2_reduce_buckets(inp, zero)
+    return terms
+
+
+def _projector_backward_terms(inp: MemoryPlanInput, zero: dict[str, Any]) -> dict[str, int]:
+    """ZeRO-2 pretrain: the first trainable gradient (the projector's) arrives after the LLM
+    backward; the LLM activations and the loss tensors are freed, CLIP's and the projector's remain."""
+    terms = {"reduce_bucket": _zero2_reduce_buckets(inp, zero), **_vision_projector_terms(inp)}
+    if inp.grad_ckpt:
+        # masked_scatter's backward has just produced the input-embedding leaf's gradient (T·h)
+        # beside the leaf itself (T·h); the projector's gradient follows.
+        terms["act_input_embeds"] = 2 * inp.micro_batch * inp.seq_len * inp.preset.llm.hidden * DTYPE_BYTES[inp.dtype]
+    terms["largest_param_grad"] = _largest_trainable_tensor(inp.preset, inp.stage) * DTYPE_BYTES[inp.dtype]
     return terms
 
 
@@ -300,6 +362,8 @@ def estimate_memory(inp: MemoryPlanInput) -> MemoryEstimate:
     zero = _zero_cfg(inp)
     static = _static_terms(inp, zero)
     phases = {"backward": _backward_terms(inp, zero), "optimizer_step": _step_terms(inp, zero)}
+    if inp.zero_stage == 2 and inp.stage == "pretrain":
+        phases["projector_backward"] = _projector_backward_terms(inp, zero)
     peak_phase = max(phases, key=lambda name: sum(phases[name].values()))
     terms = {**static, **phases[peak_phase]}
     # Static buffers are allocated once, at init, in exact sizes; fragmentation comes from the

@@ -128,7 +128,8 @@ def memory_input(plan: RunPlan, micro_batch: int) -> Any:
                           world_size=plan.nproc, dtype=plan.dtype, hidden_size=plan.preset.llm.hidden)
     return MemoryPlanInput(preset=plan.preset, stage=plan.stage, zero_stage=plan.zero_stage, dp_size=plan.nproc,
                            micro_batch=micro_batch, seq_len=plan.seq_len, dtype=plan.dtype,
-                           grad_ckpt=plan.grad_ckpt, attn_impl=plan.attn_implementation, ds_config=ds)
+                           grad_ckpt=plan.grad_ckpt, attn_impl=plan.attn_implementation, ds_config=ds,
+                           loss_impl="objective", packed=plan.packed)
 
 
 def fit_micro_batch(plan: RunPlan, usable_bytes: int, calibration: float = 1.0, max_mbs: int = 256) -> tuple[int, Any]:

@@ -63,13 +63,16 @@ def test_finetune_zero3_terms_by_hand():
 
     tokens = 2 * 40
     assert t["act_checkpoints"] == 2 * tokens * 64 * 2  # L · mbs · seq · h · 2 bytes
+    assert est.allocated == est.total - t["fragmentation"] - t["framework"]
     assert t["attention_mask"] == 0  # flash attention takes the 2-D mask
-    assert t["act_projector"] == 2 * 16 * (32 + 2 * 64) * 2
-    assert t["act_vision"] == 2 * 17 * 32 * 2 * 3  # every checkpointed CLIP layer's input
-    assert t["act_final_norm"] == tokens * 64 * (4 + 2)
-    # Loss: bf16 logits + fp32 log-softmax + fp32 d(log-softmax) + fp32 d(logits) = 14 B/elt.
-    loss = tokens * 1024 * (2 + 4 + 4 + 4)
-    saved_per_token = 2 * (4 * 64 + 2 * 64) + 4 * 64 * 2 + 4 * 172 * 2 + 4 * 4  # norms, qkvo, mlp, lse
+    assert t["act_projector"] == 2 * 16 * (2 * 64) * 2  # GELU and linear_2 inputs (linear_1's is CLIP's)
+    # conv-output leaf (16 patches) + pre_layrnorm input (17) + each checkpointed CLIP layer's input (3·17)
+    assert t["act_vision"] == 2 * 32 * 2 * (16 + 17 + 3 * 17)
+    assert "act_input_embeds" not in t  # finetune: embed_tokens trains, its output is no leaf
+    assert t["act_final_norm"] == tokens * 64 * (4 + 2 + 2)  # fp32 input, bf16 cast, bf16 normed
+    # Loss: fp32 log-softmax + fp32 d(log-softmax) + fp32 d(logits) = 12 B/elt (bf16 logits freed).
+    loss = tokens * 1024 * (4 + 4 + 4)
+    saved_per_token = 2 * (4 * 64 + 2 * 2 * 64) + 4 * 64 * 2 + 4 * 172 * 2 + 4 * 4  # norms, qkvo, mlp, lse
     layer_ws = tokens * saved_per_token + tokens * (3 * 172 + 2 * 64) * 2
     assert loss > layer_ws
     assert t["logits_loss"] == loss and "layer_backward" not in t
@@ -97,22 +100,45 @@ def test_pretrain_zero2_eager_no_ckpt_terms_by_hand():
     part = PROJECTOR // 2  # 3136
     assert t["params_full"] == TOTAL * 2
     assert t["grads_partition"] == part * 2
-    assert t["reduce_bucket"] == 2 * 500_000_000 * 2  # overlap_comm double buffer, bf16
     assert t["master_params_fp32"] == part * 4 and t["adam_moments_fp32"] == part * 8
 
+    bw = est.phase_terms["backward"]
+    assert "reduce_bucket" not in bw  # ZeRO-2 allocates its buckets at the projector's gradient
     # Frozen LLM: norms keep only their fp32 input, linears keep no inputs, MLP keeps gate/act/up.
     saved_per_token = 2 * 4 * 64 + 4 * 64 * 2 + 3 * 172 * 2  # no logsumexp with eager
     scores = 1 * 4 * 32 * 32 * (4 + 2)  # fp32 softmax + bf16 probabilities
-    assert t["act_all_layers"] == 2 * (32 * saved_per_token + scores)
-    assert t["attention_mask"] == 32 * 32 * 2  # eager: additive bf16 4-D mask
-    assert t["act_projector"] == 16 * (32 + 128) * 2
-    assert t["act_vision"] == 17 * 32 * 2  # only hidden_states[-2] survives (no grad into CLIP)
-    assert t["act_final_norm"] == 32 * 64 * 4
-    assert t["logits_loss"] == 32 * 1024 * 14
-    assert t["largest_param_grad"] == 64 * 64 * 2  # projector linear_2 weight
-    assert "params_gathered" not in t
+    assert bw["act_all_layers"] == 2 * (32 * saved_per_token + scores)
+    assert bw["attention_mask"] == 32 * 32 * 2  # eager: additive bf16 4-D mask
+    assert bw["act_projector"] == 16 * 128 * 2
+    assert bw["act_vision"] == 17 * 32 * 2  # only hidden_states[-2] survives (no grad into CLIP)
+    assert "act_input_embeds" not in bw  # no checkpointing: no input-require-grads hook
+    assert bw["act_final_norm"] == 32 * 64 * 4
+    assert bw["logits_loss"] == 32 * 1024 * 12
+    assert bw["largest_param_grad"] == 64 * 64 * 2  # projector linear_2 weight
+    assert "params_gathered" not in bw
+    assert est.phase_terms["projector_backward"] == {
+        "reduce_bucket": 2 * 500_000_000 * 2,  # overlap_comm double buffer, bf16
+        "act_projector": 16 * 128 * 2, "act_vision": 17 * 32 * 2, "largest_param_grad": 64 * 64 * 2}
+    assert est.peak_phase == "projector_backward"  # tiny model: the 2 GB buckets dominate
+    assert t["reduce_bucket"] == 2 * 500_000_000 * 2 and "logits_loss" not in t
     assert t["fragmentation"] == 0 and t["framework"] == 0
-    assert est.total == sum(t.values())
+    assert est.total == est.allocated == sum(t.values())
+
+
+def test_pretrain_zero2_ckpt_terms_by_hand():
+    inp = MemoryPlanInput(PRESETS["llava1.5-7b"], "pretrain", zero_stage=2, dp_size=2, micro_batch=4, seq_len=2048,
+                          attn_impl="sdpa", fragmentation=0.0, framework_bytes=0)
+    est = estimate_memory(inp)
+    t, tokens = est.terms, 4 * 2048
+    assert est.peak_phase == "backward" and "reduce_bucket" not in t
+    assert t["act_checkpoints"] == 32 * tokens * 4096 * 2
+    assert t["act_input_embeds"] == tokens * 4096 * 2  # frozen embed_tokens output made a leaf
+    assert t["act_final_norm"] == tokens * 4096 * 4  # frozen norm weight and lm_head: fp32 input only
+    assert t["act_vision"] == 4 * 1024 * 2 * (576 + 25 * 577)
+    assert t["logits_loss"] == tokens * 32000 * 12
+    proj = est.phase_terms["projector_backward"]
+    assert proj["reduce_bucket"] == 2 * 500_000_000 * 2
+    assert proj["act_input_embeds"] == 2 * tokens * 4096 * 2  # leaf + its gradient
 
 
 def test_layer_backward_wins_with_small_vocab():
@@ -120,7 +146,7 @@ def test_layer_backward_wins_with_small_vocab():
     inp = MemoryPlanInput(small_vocab, "finetune", 3, 2, 2, 40, ds_config=_ds(3), framework_bytes=0)
     t = estimate_memory(inp).terms
     tokens = 80
-    saved_per_token = 2 * (4 * 64 + 2 * 64) + 4 * 64 * 2 + 4 * 172 * 2 + 4 * 4
+    saved_per_token = 2 * (4 * 64 + 2 * 2 * 64) + 4 * 64 * 2 + 4 * 172 * 2 + 4 * 4
     assert "logits_loss" not in t
     assert t["layer_backward"] == tokens * saved_per_token + tokens * (3 * 172 + 2 * 64) * 2
 
@@ -129,14 +155,14 @@ def test_reads_bucket_sizes_from_ds_config():
     base = MemoryPlanInput(TINY, "finetune", 3, 2, 1, 32, ds_config=_ds(3))
     bigger = replace(base, ds_config=_ds(3, zero_optimization={"reduce_bucket_size": 10_000,
                                                                "stage3_prefetch_bucket_size": 5_000}))
-    a, b = estimate_memory(base).terms, estimate_memory(bigger).terms
-    assert b["reduce_bucket"] == 20_000
+    a, b = (estimate_memory(x).phase_terms["backward"] for x in (base, bigger))
+    assert estimate_memory(bigger).terms["reduce_bucket"] == 20_000  # ZeRO-3: static, allocated at init
     assert b["params_gathered"] - a["params_gathered"] == (5_000 - 3686) * 2
     capped = replace(base, ds_config=_ds(3, zero_optimization={"stage3_max_live_parameters": 1}))
-    assert estimate_memory(capped).terms["params_gathered"] == (1024 * 64 + 2 * LLM_LAYER) * 2  # no prefetch
+    assert estimate_memory(capped).phase_terms["backward"]["params_gathered"] == (1024 * 64 + 2 * LLM_LAYER) * 2  # no prefetch
     no_overlap = MemoryPlanInput(TINY, "finetune", 2, 2, 1, 32, ds_config=_ds(2, zero_optimization={
         "overlap_comm": False}))
-    assert estimate_memory(no_overlap).terms["reduce_bucket"] == 500_000_000 * 2
+    assert estimate_memory(no_overlap).phase_terms["backward"]["reduce_bucket"] == 500_000_000 * 2
     with pytest.raises(ValueError):
         estimate_memory(replace(base, zero_stage=2))  # ds_config says stage 3
 
@@ -191,3 +217,17 @@ def test_fp32_has_no_master_copy():
     est = estimate_memory(MemoryPlanInput(TINY, "finetune", 2, 1, 1, 32, dtype="fp32"))
     assert est.terms["master_params_fp32"] == 0
     assert est.terms["params_full"] == TOTAL * 4
+
+
+# 2026-11-28, 2x H200, torch 2.11+cu130, transformers 5.24, deepspeed 0.19.8, sdpa, bf16, grad ckpt,
+# seq 2048: torch.cuda.max_memory_allocated() from benchmarks/gpu/memory_check.py
+# (docs/measurements/h200-x2-2026-11-28/memory_check.jsonl).
+H200_MEASURED = [("pretrain", 2, 16, 34.405789852142334), ("pretrain", 2, 32, 55.47314977645874),
+                 ("finetune", 3, 8, 63.265955448150635), ("finetune", 3, 16, 73.92526865005493)]
+
+
+@pytest.mark.parametrize("stage,zero,mbs,measured_gib", H200_MEASURED)
+def test_h200_llava7b_measurements(stage, zero, mbs, measured_gib):
+    est = estimate_memory(MemoryPlanInput(PRESETS["llava1.5-7b"], stage, zero, 2, mbs, 2048, attn_impl="sdpa"))
+    assert abs(est.total / GiB / measured_gib - 1) < 0.15  # the acceptance bar
+    assert abs(est.allocated / GiB / measured_gib - 1) < 0.03  # the allocator's own counter

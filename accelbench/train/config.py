@@ -37,6 +37,10 @@ class RunConfig:
     nnodes: int = 1
     nproc_per_node: int = 1
     quiet: bool = False
+    loader_workers: int | None = None  # None: 0 on CPU, up to 4 per rank on accelerators
+    save_every: int | None = None  # optimizer steps between checkpoints (None: only on SIGTERM/SIGINT)
+    hang_timeout: float | None = None  # seconds without a finished step before the watchdog fires
+    resume: bool = False  # continue finished stages and checkpoints found in run_dir
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -1,6 +1,7 @@
 """Launch the ranks through torchrun's machinery (torch.distributed.launcher), one node or many."""
 from __future__ import annotations
 
+import signal
 import socket
 from dataclasses import dataclass
 from typing import Any
@@ -47,6 +48,7 @@ def launch(spec: LaunchSpec, entrypoint: Any, *args: Any) -> dict[int, Any]:
     Static rendezvous, exactly as ``torchrun --nnodes N --node-rank R --master-addr A --master-port P``.
     A rank that dies makes the agent stop the others and raise ChildFailedError.
     """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -62,11 +64,34 @@ def launch(spec: LaunchSpec, entrypoint: Any, *args: Any) -> dict[int, Any]:
     try:
         return elastic_launch(config, entrypoint)(*args)
     except ChildFailedError as exc:
-        first = exc.get_first_failure()[1]
-        raise RankFailed(f"rank {first.rank} failed (exit code {first.exitcode}): "
-                         f"{first.message if isinstance(first.message, str) else first.message.get('message', '')}"
-                         .strip()) from None
+        failures = sorted(exc.failures.items(), key=lambda rf: rf[1].timestamp)
+        raise RankFailed("; ".join(_describe(rank, f) for rank, f in failures),
+                         exitcodes={rank: f.exitcode for rank, f in failures}) from None
+    except SignalException as exc:
+        # the agent has already forwarded the signal to the ranks and waited for them to save
+        raise LaunchInterrupted(f"launcher got {signal.Signals(exc.sigval).name}", sigval=int(exc.sigval)) from None
+
+
+def _describe(rank: int, failure: Any) -> str:
+    if failure.exitcode < 0:  # killed by a signal
+        try:
+            how = f"was killed by {signal.Signals(-failure.exitcode).name}"
+        except ValueError:
+            how = f"was killed by signal {-failure.exitcode}"
+    else:
+        how = f"failed (exit code {failure.exitcode})"
+    msg = failure.message if isinstance(failure.message, str) else failure.message.get("message", "")
+    msg = "" if not msg or msg.startswith("To enable traceback") else f": {msg}"
+    return f"rank {rank} {how}{msg}".strip()
 
 
 class RankFailed(AccelbenchError):
-    pass
+    def __init__(self, message: str, exitcodes: dict[int, int] | None = None):
+        super().__init__(message)
+        self.exitcodes = exitcodes or {}
+
+
+class LaunchInterrupted(AccelbenchError):
+    def __init__(self, message: str, sigval: int):
+        super().__init__(message)
+        self.sigval = sigval

@@ -109,3 +109,39 @@ def summarize(records: list[StepRecord], *, world_size: int, stage_wall_s: float
         "stage_wall_s": stage_wall_s,
     }
     return out
+
+
+def read_events(path: Path) -> list[dict[str, Any]]:
+    """events.jsonl's step records; a line torn by a kill mid-write is skipped."""
+    out: list[dict[str, Any]] = []
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return out
+    for line in lines:
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(event, dict) and "stage" in event and "step" in event:
+            out.append(event)
+    return out
+
+
+def read_step_records(path: Path, stage: str, *, upto: int) -> list[StepRecord]:
+    """The steps of ``stage`` up to ``upto`` already measured (a resumed stage's summary covers them too)."""
+    names = set(StepRecord.__dataclass_fields__)
+    return [StepRecord(**{k: v for k, v in e.items() if k in names})
+            for e in read_events(path) if e["stage"] == stage and e["step"] <= upto]
+
+
+def truncate_events(path: Path, keep_stages: list[str], stage: str, upto: int) -> None:
+    """Before a resume: keep finished stages and ``stage``'s steps up to its checkpoint, so the resumed
+    run appends the rest and events.jsonl still has one line per step."""
+    from ..atomic import write_text_atomic
+
+    path = Path(path)
+    if not path.exists():
+        return
+    kept = [e for e in read_events(path) if e["stage"] in keep_stages or (e["stage"] == stage and e["step"] <= upto)]
+    write_text_atomic(path, "".join(json.dumps(e, default=str) + "\n" for e in kept))

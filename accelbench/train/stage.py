@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -10,23 +11,20 @@ import torch
 
 from ..cases import get_preset
 from ..progress import Progress
+from . import checkpoint, faults
 from .config import RunConfig
-from .metrics import EventLog, StepRecord, rss_bytes, summarize, warmup_steps
+from .objective import LlavaObjective
+from .metrics import EventLog, StepRecord, read_step_records, rss_bytes, summarize, warmup_steps
 
 IGNORE_INDEX = -100
 
 
 def cosine_with_warmup(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float = 0.03) -> Any:
-    """LLaVA's schedule: linear warm-up over 3 % of the steps, then cosine decay to 0."""
-    warm = max(1, math.ceil(total_steps * warmup_ratio))
+    """LLaVA's schedule, exactly as the HF Trainer builds it: linear warm-up from 0 over
+    ceil(3 % of the steps), then cosine decay to 0."""
+    from transformers import get_cosine_schedule_with_warmup
 
-    def factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        progress = (step - warm) / max(1, total_steps - warm)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return get_cosine_schedule_with_warmup(optimizer, math.ceil(total_steps * warmup_ratio), total_steps)
 
 
 class StageRunner:
@@ -50,21 +48,27 @@ class StageRunner:
     # -- data --------------------------------------------------------------------------------
     def build_data(self, tokenizer: Any) -> tuple[Any, Any, dict[str, Any]]:
         from .data import LengthGroupedSampler, LlavaDataset, load_records, validate_records
+        from .datacheck import read_data_check
 
         d = self.cfg.data
         json_path = d.pretrain_json if self.stage == "pretrain" else d.finetune_json
         records = load_records(json_path)
         template = "plain" if self.stage == "pretrain" else "vicuna_v1"
-        good, bad = validate_records(records, d.image_folder, tokenizer=tokenizer, model_max_length=self.plan["MPE"],
-                                     template=template, policy=self.cfg.bad_samples,
-                                     max_bad_fraction=self.cfg.max_bad_fraction)
+        checked = read_data_check(self.stage_dir, json_path, len(records))
+        if checked is not None:  # the launcher validated the file before any rank started
+            good = [records[i] for i in checked["kept"]]
+            info = {k: v for k, v in checked.items() if k != "kept"}
+        else:  # a node whose launcher did not write the check (older run directory)
+            good, bad = validate_records(records, d.image_folder, tokenizer=tokenizer,
+                                         model_max_length=self.plan["MPE"], template=template,
+                                         policy=self.cfg.bad_samples, max_bad_fraction=self.cfg.max_bad_fraction)
+            info = {"json": json_path, "records": len(records), "used": len(good), "bad_records": bad.to_dict(),
+                    "template": template}
         dataset = LlavaDataset(good, d.image_folder, tokenizer, template=template,
                                image_tokens=self.preset.vision.image_tokens, image_token_id=self.image_token_id,
                                image_size=self.preset.vision.image_size, model_max_length=self.plan["MPE"])
         sampler = LengthGroupedSampler(dataset.modality_lengths, batch_size=self.plan["LBS"],
                                        world_size=self.world_size, rank=self.rank, seed=self.cfg.seed)
-        info = {"json": json_path, "records": len(records), "used": len(good), "bad_records": bad.to_dict(),
-                "template": template}
         return dataset, sampler, info
 
     # -- model -------------------------------------------------------------------------------
@@ -77,7 +81,7 @@ class StageRunner:
         weights = WeightPaths(w.get("llm"), w.get("vision_tower"), None)
         zero3 = ds_config if self.plan["zero_stage"] == 3 else None
         model = build_model(self.preset, image_token_id=self.image_token_id, pad_token_id=self.pad_token_id,
-                            dtype=self.plan["dtype"], attn_implementation=self.plan["attn_implementation"],
+                            dtype=self.plan["dtype"], attn_implementation=self.attention_kernel(),
                             device=self.device, weights=weights, zero3_config=zero3)
         projector = w.get("projector") if self.stage == "pretrain" else self.pretrain_projector()
         if projector:
@@ -90,9 +94,33 @@ class StageRunner:
             enable_checkpointing(model)
         optimizer = torch.optim.AdamW(trainable, lr=self.plan["lr"], betas=(0.9, 0.999), weight_decay=0.0)
         scheduler = cosine_with_warmup(optimizer, self.cfg.steps[self.stage])
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                               config=ds_config)
+        engine, _, _, _ = deepspeed.initialize(model=LlavaObjective(model), optimizer=optimizer,
+                                               lr_scheduler=scheduler, config=ds_config)
         return engine, model
+
+    def attention_kernel(self) -> str:
+        """transformers' attn_implementation for the plan: packed sdpa runs accelbench's varlen kernel."""
+        name = self.plan["attn_implementation"]
+        if self.plan.get("packed") and name == "sdpa":
+            from .varlen_attention import register
+
+            return register()
+        return name
+
+    def loader(self, dataset: Any, sampler: Any) -> Any:
+        """Padded micro-batches, or one packed row per micro-batch when the attention takes varlen input."""
+        from functools import partial
+
+        from .data import collate
+        from .packing import collate_packed
+
+        fn = partial(collate_packed if self.plan.get("packed") else collate, pad_token_id=self.pad_token_id)
+        workers = self.cfg.loader_workers
+        if workers is None:  # CPU ranks already use every core for compute
+            workers = 0 if self.device.type == "cpu" else min(4, max(1, (os.cpu_count() or 1) // self.world_size))
+        return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=fn,
+                                           pin_memory=self.device.type == "cuda",
+                                           prefetch_factor=2 if workers else None, persistent_workers=False)
 
     def pretrain_projector(self) -> str | None:
         """Finetune starts from the pretrain stage's projector when this run trained one."""
@@ -102,10 +130,11 @@ class StageRunner:
         return self.cfg.weights.get("projector")
 
     # -- the loop ----------------------------------------------------------------------------
-    def run(self, tokenizer: Any, events: EventLog) -> dict[str, Any]:
+    def run(self, tokenizer: Any, events: EventLog, *, stop: Any = None, watchdog: Any = None) -> dict[str, Any]:
+        """Train the stage. ``stop`` (a watchdog.StopRequest) ends it with a checkpoint at the next step
+        boundary; ``watchdog`` hears of every finished step."""
         import deepspeed.comm as dist
 
-        from .data import collate
         from .ds_config import deepspeed_config
         from .flops import step_flops
 
@@ -121,51 +150,78 @@ class StageRunner:
 
             write_json_atomic(self.stage_dir / "deepspeed_config.json", ds_config)
         engine, model = self.build_engine(ds_config)
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=0,
-                                             collate_fn=lambda s: collate(s, self.pad_token_id))
-        steps, gas = self.cfg.steps[self.stage], p["GAS"]
+        loader = self.loader(dataset, sampler)
+        steps, gas, mbs = self.cfg.steps[self.stage], p["GAS"], p["LBS"]
         peak = self.backend.peak_flops(self.info.device_names[0] if self.info.device_names else "", p["dtype"]).flops
         records: list[StepRecord] = []
+        start_step, epoch, batch_in_epoch, elapsed_before = 0, 0, 0, 0.0
+        resume_at = checkpoint.latest_step(self.stage_dir) if self.cfg.resume else None
+        if resume_at is not None:
+            state = checkpoint.load(engine, self.stage_dir, resume_at)
+            start_step, epoch, elapsed_before = int(state["step"]), int(state["epoch"]), float(state["elapsed_s"])
+            # samples, not batches: an out-of-memory back-off may have changed the micro-batch since
+            batch_in_epoch = int(state["samples_in_epoch"]) // mbs
+            if self.rank == 0:
+                records = read_step_records(Path(self.cfg.run_dir) / "events.jsonl", self.stage, upto=start_step)
+            data_info["resumed_from_step"] = start_step
         warm = warmup_steps(steps)  # known up front, so events.jsonl marks warm-up steps as written
-        batches = self._batches(loader, sampler)
+        self._position = (epoch, batch_in_epoch)
+        batches = self._batches(loader, sampler, epoch, batch_in_epoch)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         engine.train()
         progress = Progress(self.stage, total=steps, unit="step", quiet=self.rank != 0 or self.cfg.quiet)
-        for step in range(steps):
+        progress.update_to(start_step)
+        if watchdog is not None:
+            watchdog.beat(self.stage, start_step)
+        for step in range(start_step, steps):
+            n = step + 1  # optimizer steps are counted from 1 in events, messages and faults
+            # per-step seed: any random op draws the same numbers whether or not the run was resumed
+            torch.manual_seed(self.cfg.seed * 1_000_003 + (0 if self.stage == "pretrain" else 500_009) + n)
+            position_before = self._position
             self.acc.synchronize()
             t0 = time.perf_counter()
             real = padded = samples = 0
             mflops = hflops = 0.0
-            losses = []
-            for _ in range(gas):
-                batch = next(batches)
-                inputs = {k: batch[k].to(self.device) for k in ("input_ids", "attention_mask", "labels")}
-                if batch["pixel_values"] is not None:
-                    inputs["pixel_values"] = batch["pixel_values"].to(self.device, dtype=engine.module.dtype)
-                loss = engine(**inputs).loss
-                engine.backward(loss)
+            losses, ids = [], []
+            try:
+                for micro in range(gas):
+                    faults.before_micro_step(self.stage, n, rank=self.rank, micro_batch=mbs, backend=self.backend.name)
+                    batch = next(batches)
+                    inputs = model_inputs(batch, self.device, model.dtype)
+                    loss = faults.poison_loss(engine(**inputs), self.stage, n)
+                    engine.backward(loss)
+                    if micro < gas - 1:  # the boundary step waits until the loss is known to be finite
+                        engine.step()
+                    losses.append(loss.detach().float())
+                    ids += batch["ids"]
+                    n_img = 0 if batch["pixel_values"] is None else int(batch["pixel_values"].shape[0])
+                    fl = step_flops(self.preset, batch["seq_lens"], n_img, self.stage,
+                                    grad_ckpt=p["gradient_checkpointing"],
+                                    padded_len=None if p.get("packed") else int(batch["input_ids"].shape[1]),
+                                    lm_head_tokens=target_tokens(batch["labels"]))
+                    mflops += fl.model_flops
+                    hflops += fl.hardware_flops
+                    real += batch["real_tokens"]
+                    padded += batch["padded_tokens"]
+                    samples += len(batch["ids"])
+                stop_flag = 1.0 if stop is not None and stop.signum else 0.0
+                stats = torch.tensor([real, padded, samples, mflops, hflops, torch.stack(losses).mean().item(),
+                                      stop_flag], dtype=torch.float64, device=self.device)
+                dist.all_reduce(stats)
+                loss_mean = float(stats[5]) / self.world_size
+                if not math.isfinite(loss_mean):
+                    self._non_finite(engine, n, loss_mean, ids, position_before, elapsed_before + time.perf_counter() - t_stage)
                 engine.step()
-                losses.append(loss.detach().float())
-                n_img = 0 if batch["pixel_values"] is None else int(batch["pixel_values"].shape[0])
-                fl = step_flops(self.preset, batch["seq_lens"], n_img, self.stage, grad_ckpt=p["gradient_checkpointing"],
-                                padded_len=int(batch["input_ids"].shape[1]))
-                mflops += fl.model_flops
-                hflops += fl.hardware_flops
-                real += batch["real_tokens"]
-                padded += batch["padded_tokens"]
-                samples += len(batch["ids"])
+            except Exception as exc:
+                if self.backend.is_oom(exc):
+                    raise OutOfMemory(self.stage, n, mbs, exc) from exc
+                raise
             self.acc.synchronize()
             dt = time.perf_counter() - t0
-            stats = torch.tensor([real, padded, samples, mflops, hflops, torch.stack(losses).mean().item()],
-                                 dtype=torch.float64, device=self.device)
-            dist.all_reduce(stats)
-            loss_mean = float(stats[5]) / self.world_size
-            if not math.isfinite(loss_mean):
-                raise NonFiniteLoss(self.stage, step + 1, batch["ids"])
             grad_norm = engine.get_global_grad_norm()
             rec = StepRecord(
-                stage=self.stage, step=step + 1, time_s=dt, real_tokens=int(stats[0]), padded_tokens=int(stats[1]),
+                stage=self.stage, step=n, time_s=dt, real_tokens=int(stats[0]), padded_tokens=int(stats[1]),
                 samples=int(stats[2]), loss=loss_mean, lr=float(engine.get_lr()[0]),
                 grad_norm=float(grad_norm) if grad_norm is not None else None,
                 model_flops=float(stats[3]), hardware_flops=float(stats[4]),
@@ -176,24 +232,67 @@ class StageRunner:
             records.append(rec)
             if self.rank == 0:
                 events.write(rec.to_dict())
-            progress.update_to(step + 1, loss=rec.loss, tok_s=rec.tokens_per_s_per_proc)
+            progress.update_to(n, loss=rec.loss, tok_s=rec.tokens_per_s_per_proc)
+            stopping = float(stats[6]) > 0  # summed over ranks: every rank stops at this same step
+            every = self.cfg.save_every
+            if stopping or (every and n % every == 0 and n < steps):
+                where = self._save(engine, n, self._position, elapsed_before + time.perf_counter() - t_stage)
+                if stopping:
+                    raise Interrupted(self.stage, n, stop.name if stop is not None and stop.signum else "a signal",
+                                      where)
+            if watchdog is not None:
+                watchdog.beat(self.stage, n)
+        if watchdog is not None:
+            watchdog.disarm()
         progress.close()
         self.save_outputs(engine, model, tokenizer)
         total = self.info.memory_bytes[0] if self.info.memory_bytes else 0
-        summary = summarize(records, world_size=self.world_size, stage_wall_s=time.perf_counter() - t_stage,
+        summary = summarize(records, world_size=self.world_size,
+                            stage_wall_s=elapsed_before + time.perf_counter() - t_stage,
                             peak_flops=peak, chips_per_board=self.info.chips_per_board,
                             flagperf_params=self.preset.nominal_params, stage=self.stage, device_total=total)
         summary["data"] = data_info
         summary["mem_device_used"] = self._device_used()
+        if resume_at is not None:
+            summary["resumed_from_step"] = resume_at
         del engine, model
         return summary
 
-    def _batches(self, loader: Any, sampler: Any):  # noqa: ANN202 - a plain generator
-        epoch = 0
+    def _save(self, engine: Any, step: int, position: tuple[int, int], elapsed: float) -> str:
+        epoch, batch_in_epoch = position
+        state = {"step": step, "epoch": epoch, "samples_in_epoch": batch_in_epoch * self.plan["LBS"],
+                 "elapsed_s": elapsed, "micro_batch": self.plan["LBS"], "grad_accum": self.plan["GAS"]}
+        return checkpoint.save(engine, self.stage_dir, step, state, rank=self.rank)
+
+    def _non_finite(self, engine: Any, step: int, loss: float, ids: list[str], position: tuple[int, int],
+                    elapsed: float) -> None:
+        """Every rank gets here together (the loss is all-reduced). The optimizer has not applied this
+        step, so the weights are still those after step - 1: save them as the last good checkpoint."""
+        import torch.distributed as tdist
+
+        gathered: list[Any] = [None] * self.world_size
+        tdist.all_gather_object(gathered, ids)
+        saved = self._save(engine, step - 1, position, elapsed) if step > 1 else None
+        report = self.stage_dir / f"nonfinite_step{step}.json"
+        if self.rank == 0:
+            from ..atomic import write_json_atomic
+
+            write_json_atomic(report, {"stage": self.stage, "step": step, "loss": str(loss),
+                                       "batch_ids": {str(r): v for r, v in enumerate(gathered)},
+                                       "last_good_checkpoint": saved})
+        raise NonFiniteLoss(self.stage, step, [i for v in gathered for i in v], report=str(report), checkpoint=saved)
+
+    def _batches(self, loader: Any, sampler: Any, epoch: int, start: int):  # noqa: ANN202 - a plain generator
+        """Micro-batches forever, from (epoch, batch ``start`` of that epoch); ``_position`` is what a
+        checkpoint must record to continue exactly after the last batch handed out."""
         while True:
-            sampler.set_epoch(epoch)
-            yield from loader
-            epoch += 1
+            sampler.set_epoch(epoch, start)
+            for batch in loader:
+                start += 1
+                self._position = (epoch, start)
+                yield batch
+            epoch, start = epoch + 1, 0
+            self._position = (epoch, 0)
 
     def _mem(self, what: str) -> int:
         if self.device.type == "cuda":
@@ -210,7 +309,7 @@ class StageRunner:
         from safetensors.torch import save_file
 
         if self.stage == "pretrain":
-            proj = engine.module.model.multi_modal_projector
+            proj = model.model.multi_modal_projector
             if self.rank == 0:
                 state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in proj.state_dict().items()}
                 save_file(state, str(self.stage_dir / "mm_projector.safetensors"))
@@ -222,13 +321,70 @@ class StageRunner:
         else:
             state = engine.module.state_dict()
         if self.rank == 0:
+            state = {k.removeprefix("llava."): v for k, v in state.items()}  # the objective wraps the model
             out = self.stage_dir / "hf_model"
             model.config.use_cache = True
             model.save_pretrained(str(out), state_dict=state, safe_serialization=True)
             tokenizer.save_pretrained(str(out))
 
 
-class NonFiniteLoss(RuntimeError):
-    def __init__(self, stage: str, step: int, ids: list[str]):
-        super().__init__(f"non-finite loss at {stage} step {step} (batch ids {', '.join(map(str, ids[:8]))})")
-        self.stage, self.step, self.ids = stage, step, ids
+ATTENTION_KWARGS = ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
+def model_inputs(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """The tensors the objective takes, on the device (packed batches add positions and cu_seq_lens)."""
+    inputs: dict[str, Any] = {"input_ids": batch["input_ids"].to(device, non_blocking=True),
+                              "labels": batch["labels"].to(device, non_blocking=True)}
+    if batch.get("attention_mask") is not None:
+        inputs["attention_mask"] = batch["attention_mask"].to(device, non_blocking=True)
+    if batch["pixel_values"] is not None:
+        inputs["pixel_values"] = batch["pixel_values"].to(device, dtype=dtype, non_blocking=True)
+    for key in ATTENTION_KWARGS:
+        if key in batch:
+            value = batch[key]
+            inputs[key] = value.to(device, non_blocking=True) if torch.is_tensor(value) else value
+    return inputs
+
+
+def target_tokens(labels: torch.Tensor) -> int:
+    """Positions whose logits the objective computes: those predicting a target token."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+class TrainingFault(RuntimeError):
+    """A fault the launcher knows how to report (``kind``) or recover from."""
+
+    kind = "error"
+
+    def report(self) -> dict[str, Any]:
+        return {k: v for k, v in vars(self).items() if isinstance(v, (str, int, float, list, type(None)))}
+
+
+class NonFiniteLoss(TrainingFault):
+    kind = "nonfinite"
+
+    def __init__(self, stage: str, step: int, ids: list[str], *, report: str | None = None,
+                 checkpoint: str | None = None):
+        kept = f"; last good checkpoint {checkpoint}" if checkpoint else "; no checkpoint (first step)"
+        where = f"; batch ids in {report}" if report else ""
+        super().__init__(f"non-finite loss at {stage} step {step} (batch ids {', '.join(map(str, ids[:8]))})"
+                         f"{where}{kept}")
+        self.stage, self.step, self.ids = stage, step, list(map(str, ids))
+        self.batch_ids_file, self.checkpoint = report, checkpoint
+
+
+class OutOfMemory(TrainingFault):
+    kind = "oom"
+
+    def __init__(self, stage: str, step: int, micro_batch: int, error: BaseException):
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        super().__init__(f"out of memory at {stage} step {step} with micro-batch {micro_batch}: {first}")
+        self.stage, self.step, self.micro_batch, self.error = stage, step, micro_batch, first
+
+
+class Interrupted(TrainingFault):
+    kind = "interrupted"
+
+    def __init__(self, stage: str, step: int, signal_name: str, checkpoint: str):
+        super().__init__(f"{signal_name} at {stage} step {step}: checkpoint saved in {checkpoint}")
+        self.stage, self.step, self.signal, self.checkpoint = stage, step, signal_name, checkpoint

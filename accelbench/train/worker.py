@@ -14,7 +14,10 @@ from typing import Any
 
 def rank_main(cfg_dict: dict[str, Any]) -> dict[str, Any] | None:
     from .config import RunConfig
+    from .watchdog import StopRequest
 
+    stop = StopRequest()  # first: a SIGTERM from here on ends with a checkpoint, not a dead process
+    stop.install()
     cfg = RunConfig.from_dict(cfg_dict)
     for stage in cfg.stages:  # the plan's environment first, before any heavy import
         os.environ.update(cfg.plans[stage]["env"])
@@ -50,25 +53,58 @@ def rank_main(cfg_dict: dict[str, Any]) -> dict[str, Any] | None:
 
     from transformers import AutoTokenizer
 
+    from ..atomic import write_json_atomic
     from .metrics import EventLog
     from .stage import StageRunner
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.data.tokenizer)
     run_dir = Path(cfg.run_dir)
     events = EventLog(run_dir / "events.jsonl" if rank == 0 else None)
+    watchdog = None
+    if cfg.hang_timeout:
+        from .watchdog import Watchdog
+
+        watchdog = Watchdog(cfg.hang_timeout, run_dir, rank=rank, local_world=cfg.nproc_per_node)
     summaries: dict[str, Any] = {}
+    stage = cfg.stages[0]
     try:
         for stage in cfg.stages:
+            done = run_dir / stage / "summary.json"
+            if cfg.resume and done.exists():  # finished before the interruption
+                summaries[stage] = json.loads(done.read_text(encoding="utf-8"))
+                continue
+            if stop.signum:  # a signal between stages: the finished ones are on disk already
+                from .stage import Interrupted
+
+                raise Interrupted(stage, 0, stop.name, f"{run_dir} (finished stages)")
             runner = StageRunner(cfg, stage, backend, rank=rank, world_size=world, local_rank=local)
-            summaries[stage] = runner.run(tokenizer, events)
+            summaries[stage] = runner.run(tokenizer, events, stop=stop, watchdog=watchdog)
             if rank == 0:  # each finished stage is on disk before the next starts
-                (run_dir / stage / "summary.json").write_text(json.dumps(summaries[stage], indent=2, default=str))
-    except Exception as exc:
-        if rank == 0:
-            (run_dir / "failure.json").write_text(json.dumps(
-                {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}, indent=2))
+                write_json_atomic(done, summaries[stage])
+    except BaseException as exc:
+        report_failure(run_dir, rank, stage, exc)
         raise
     finally:
         events.close()
+        if watchdog is not None:
+            watchdog.close()
     return summaries if rank == 0 else None
 
+
+FAILURES = "failures"
+
+
+def report_failure(run_dir: Path, rank: int, stage: str, exc: BaseException) -> None:
+    """Each rank says why it stopped (``failures/rankN.json``); the launcher picks the cause, since
+    the other ranks usually fail only as a consequence (a collective whose peer died)."""
+    from ..atomic import write_json_atomic
+
+    report = exc.report() if hasattr(exc, "report") else {}
+    entry = {"rank": rank, "stage": stage, "kind": getattr(exc, "kind", "error"),
+             "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()} | report
+    try:
+        write_json_atomic(run_dir / FAILURES / f"rank{rank}.json", entry)
+        if rank == 0:
+            write_json_atomic(run_dir / "failure.json", entry)
+    except OSError:
+        pass  # the original error matters more than its report

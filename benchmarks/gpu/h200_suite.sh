@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The measurements recorded in docs/gpu-h200.md, run through the device tool on nvidia-h200-x2:
-#   bash benchmarks/gpu/h200_suite.sh PHASE...   (phases: info run7b mem7b mem13b run13b)
+#   bash benchmarks/gpu/h200_suite.sh PHASE...   (phases: info varlen run7b run13b mem7b mem13b peer13b)
 # Everything lands in $OUT (logs, result.json copies, memory_check.jsonl).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -23,12 +23,19 @@ for phase in "$@"; do
     run13b)
       timeout 500 python3 -m accelbench run --case llava1.5-13b --nproc-per-node "$NPROC" --steps 12 --no-eval --out /tmp/r13b \
         2>&1 | grep -v "INFO" | tail -40; keep /tmp/r13b run13b ;;
+    varlen)
+      python3 benchmarks/gpu/check_varlen.py 2>&1 | tail -3 ;;
+    peer13b)
+      for stage in finetune pretrain; do
+        timeout 280 python3 benchmarks/gpu/compare_peer.py --case llava1.5-13b --stage "$stage" --steps 10 \
+          --nproc "$NPROC" --out "/tmp/peer13b-$stage" --json "$OUT/peer13b-$stage.json" 2>&1 | grep -v INFO | tail -14
+      done ;;
     mem7b|mem13b)
       case=llava1.5-${phase#mem}
       if [ "$phase" = mem7b ]; then fmbs="8 16"; else fmbs="4 8"; fi
-      timeout 240 python3 -m torch.distributed.run --nproc-per-node "$NPROC" benchmarks/gpu/memory_check.py \
+      timeout 200 python3 -m torch.distributed.run --nproc-per-node "$NPROC" benchmarks/gpu/memory_check.py \
         --case "$case" --stage pretrain --mbs 16 32 --seq 2048 2>&1 | grep -v INFO | grep -E '^\{|Error|error' | tail -5
-      timeout 300 python3 -m torch.distributed.run --nproc-per-node "$NPROC" benchmarks/gpu/memory_check.py \
+      timeout 200 python3 -m torch.distributed.run --nproc-per-node "$NPROC" benchmarks/gpu/memory_check.py \
         --case "$case" --stage finetune --mbs $fmbs --seq 2048 2>&1 | grep -v INFO | grep -E '^\{|Error|error' | tail -5 ;;
   esac
 done
