@@ -6,6 +6,8 @@ finetuning first pads to a square with the CLIP mean colour (LLaVA's ``expand2sq
 """
 from __future__ import annotations
 
+import functools
+
 import os
 from pathlib import Path, PurePosixPath
 from typing import Callable, Literal
@@ -110,12 +112,13 @@ def make_image_transform(image_size: int, aspect: Aspect) -> Callable[[Image.Ima
         raise ValueError(f"aspect must be 'crop' or 'pad', not {aspect!r}")
     if image_size <= 0:
         raise ValueError(f"image_size must be positive, not {image_size}")
+    # a partial of a module-level function pickles, so data-loader worker processes can take it
+    return functools.partial(_transform, image_size=image_size, aspect=aspect)
 
-    def transform(img: Image.Image) -> torch.Tensor:
-        img = img.convert("RGB")
-        if aspect == "pad":
-            img = expand2square(img)
-        img = center_crop(resize_shortest_edge(img, image_size), image_size)
-        return to_normalized_tensor(img)
 
-    return transform
+def _transform(img: Image.Image, *, image_size: int, aspect: Aspect) -> torch.Tensor:
+    img = img.convert("RGB")
+    if aspect == "pad":
+        img = expand2square(img)
+    img = center_crop(resize_shortest_edge(img, image_size), image_size)
+    return to_normalized_tensor(img)
