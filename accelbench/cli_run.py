@@ -18,7 +18,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         gas=args.gas, seq=args.seq, data=args.data, out=args.out, seed=args.seed, llm=args.llm,
         vision_tower=args.vision_tower, projector=args.projector, eval_mmmu=not args.no_eval,
         mmmu_limit=args.mmmu_limit, mmmu_generation=args.generation, bad_samples=args.bad_samples,
-        max_bad_fraction=args.max_bad_fraction, quiet=args.quiet, zero_stage=args.zero_stage, lr=args.lr,
+        max_bad_fraction=args.max_bad_fraction, quiet=args.quiet, log_all_ranks=args.log_all_ranks,
+        tensorboard=args.tensorboard, zero_stage=args.zero_stage, lr=args.lr,
         save_every=args.save_every, resume=args.resume,
         hang_timeout=DEFAULT_HANG_TIMEOUT if args.hang_timeout is None else args.hang_timeout,
         launch=LaunchSpec(nproc_per_node=args.nproc_per_node, nnodes=args.nnodes, node_rank=args.node_rank,
@@ -100,6 +101,8 @@ def register(sub: Any) -> None:
     s.add_argument("--hang-timeout", type=float, metavar="S",
                    help="seconds without a finished step before every rank's stacks are dumped and the run "
                         "stops (default 1800; 0 turns it off)")
+    s.add_argument("--log-all-ranks", action="store_true", help="progress and framework logs from every rank")
+    s.add_argument("--tensorboard", action="store_true", help="write TensorBoard event files to RUN_DIR/tensorboard")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_run)
 

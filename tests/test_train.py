@@ -57,6 +57,7 @@ def test_two_processes_gloo(tmp_path):
     out = _accelbench("run", "--nproc-per-node", "2", "--steps", "4", "--no-eval", "--out", str(tmp_path / "r"),
                       tmp_path=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
+    assert "[pretrain]" in out.stderr and "rank 1]" not in out.stderr  # rank-0 logging by default
     result = json.loads((tmp_path / "r" / "result.json").read_text())
     assert result["parallel_strategy"]["world_size"] == 2
     for stage, zero in (("pretrain", 2), ("finetune", 3)):
@@ -91,3 +92,32 @@ def test_two_nodes_on_loopback(tmp_path):
     assert result["parallel_strategy"]["nnodes"] == 2 and result["parallel_strategy"]["world_size"] == 2
     assert result["stages"]["finetune"]["metrics"]["steps"] == 3
     assert result["stages"]["finetune"]["batch"]["GBS"] == 2 * result["stages"]["finetune"]["batch"]["LBS"]
+
+
+def _tensorboard_scalars(path: Path) -> dict[str, list[tuple[int, float]]]:
+    """Read a TFRecord event file: [u64 length][u32 crc][Event proto][u32 crc] per record."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    data, pos, out = path.read_bytes(), 0, {}
+    while pos < len(data):
+        (length,) = struct.unpack("<Q", data[pos:pos + 8])
+        event = Event.FromString(data[pos + 12:pos + 12 + length])
+        pos += 12 + length + 4
+        for v in event.summary.value:
+            out.setdefault(v.tag, []).append((event.step, v.simple_value))
+    return out
+
+
+def test_tensorboard_and_all_rank_logs(tmp_path):
+    out = _accelbench("run", "--nproc-per-node", "2", "--steps", "3", "--no-eval", "--stages", "pretrain",
+                      "--tensorboard", "--log-all-ranks", "--out", str(tmp_path / "r"), tmp_path=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "[pretrain rank 0]" in out.stderr and "[pretrain rank 1]" in out.stderr
+    files = list((tmp_path / "r" / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(files) == 1
+    scalars = _tensorboard_scalars(files[0])
+    events = [json.loads(line) for line in (tmp_path / "r" / "events.jsonl").read_text().splitlines()]
+    assert [step for step, _ in scalars["pretrain/loss"]] == [1, 2, 3]
+    assert [round(v, 4) for _, v in scalars["pretrain/loss"]] == [round(e["loss"], 4) for e in events]

@@ -37,6 +37,8 @@ class RunConfig:
     nnodes: int = 1
     nproc_per_node: int = 1
     quiet: bool = False
+    log_all_ranks: bool = False  # progress and framework logs from every rank, not rank 0 only
+    tensorboard: bool = False  # TensorBoard event files under RUN_DIR/tensorboard (rank 0)
     loader_workers: int | None = None  # None: 0 on CPU, up to 4 per rank on accelerators
     save_every: int | None = None  # optimizer steps between checkpoints (None: only on SIGTERM/SIGINT)
     hang_timeout: float | None = None  # seconds without a finished step before the watchdog fires

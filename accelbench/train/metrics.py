@@ -56,21 +56,52 @@ def warmup_steps(total: int) -> int:
     return 0 if total < 3 else max(1, min(5, total // 5))
 
 
-class EventLog:
-    """events.jsonl: one line per step, flushed at once so a failed run keeps every step measured."""
+TENSORBOARD_SCALARS = ("loss", "lr", "grad_norm", "tokens_per_s_per_proc", "time_s")
 
-    def __init__(self, path: Path | None):
+
+class EventLog:
+    """events.jsonl: one line per step, flushed at once so a failed run keeps every step measured.
+
+    With ``tensorboard_dir`` the same steps also go to TensorBoard event files (``--tensorboard``).
+    """
+
+    def __init__(self, path: Path | None, tensorboard_dir: Path | None = None):
         self._fh: IO[str] | None = open(path, "a", encoding="utf-8") if path else None
+        self._tb = summary_writer(tensorboard_dir) if tensorboard_dir else None
 
     def write(self, event: dict[str, Any]) -> None:
         if self._fh:
             self._fh.write(json.dumps(event, default=str) + "\n")
             self._fh.flush()
+        if self._tb is not None:
+            for key in TENSORBOARD_SCALARS:
+                if event.get(key) is not None:
+                    self._tb.add_scalar(f"{event['stage']}/{key}", event[key], event["step"])
+            self._tb.add_scalar(f"{event['stage']}/mem_allocated_gib", event["mem_allocated"] / 2**30, event["step"])
+            self._tb.flush()
 
     def close(self) -> None:
         if self._fh:
             self._fh.close()
             self._fh = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def tensorboard_available() -> bool:
+    import importlib.util
+
+    return any(importlib.util.find_spec(m) is not None for m in ("tensorboard", "tensorboardX"))
+
+
+def summary_writer(log_dir: Path) -> Any:
+    """torch's SummaryWriter where the tensorboard package is installed, else tensorboardX's."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        from tensorboardX import SummaryWriter
+    return SummaryWriter(log_dir=str(log_dir))
 
 
 def summarize(records: list[StepRecord], *, world_size: int, stage_wall_s: float, peak_flops: float | None,

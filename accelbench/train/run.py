@@ -37,6 +37,8 @@ class RunOptions:
     max_bad_fraction: float = 0.01
     launch: LaunchSpec = field(default_factory=LaunchSpec)
     quiet: bool = False
+    log_all_ranks: bool = False
+    tensorboard: bool = False
     zero_stage: int | None = None  # None: the stage's FlagPerf default (2 pretrain, 3 finetune)
     lr: float | None = None
     save_every: int | None = None
@@ -85,6 +87,12 @@ def validate(opts: RunOptions) -> None:
         raise ConfigError(f"--max-bad-fraction {opts.max_bad_fraction} is impossible: give 0..1")
     opts.launch.check()
     check_weights(opts.case, opts.llm, opts.vision_tower, opts.projector)
+    if opts.tensorboard:
+        from .metrics import tensorboard_available
+
+        if not tensorboard_available():
+            raise ConfigError("--tensorboard needs the tensorboard (or tensorboardX) package: "
+                              "pip install 'accelbench[tensorboard]'")
     if opts.data is not None and not Path(opts.data).is_dir():
         raise ConfigError(f"--data {opts.data!r} is not a folder: give a folder with the LLaVA JSON files, "
                           f"images/ and tokenizer/ (see `accelbench data synth`)")
@@ -181,7 +189,8 @@ def run(opts: RunOptions) -> dict[str, Any]:
                        mmmu=data.get("mmmu"), synthetic=data["synthetic"]),
         steps={s: steps for s in opts.stages}, seed=opts.seed, weights=weights, eval_mmmu=do_eval,
         mmmu_limit=opts.mmmu_limit, mmmu_generation=opts.mmmu_generation, bad_samples=opts.bad_samples,
-        max_bad_fraction=opts.max_bad_fraction, quiet=opts.quiet, nnodes=opts.launch.nnodes, nproc_per_node=opts.launch.nproc_per_node,
+        max_bad_fraction=opts.max_bad_fraction, quiet=opts.quiet, log_all_ranks=opts.log_all_ranks,
+        tensorboard=opts.tensorboard, nnodes=opts.launch.nnodes, nproc_per_node=opts.launch.nproc_per_node,
         threads_per_rank=max(1, (os.cpu_count() or 1) // opts.launch.nproc_per_node)
         if backend.device_info().torch_device_type == "cpu" else None,
         save_every=opts.save_every, hang_timeout=opts.hang_timeout or None,

@@ -170,7 +170,9 @@ class StageRunner:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         engine.train()
-        progress = Progress(self.stage, total=steps, unit="step", quiet=self.rank != 0 or self.cfg.quiet)
+        progress = Progress(self.stage if not self.cfg.log_all_ranks else f"{self.stage} rank {self.rank}",
+                            total=steps, unit="step",
+                            quiet=self.cfg.quiet or (self.rank != 0 and not self.cfg.log_all_ranks))
         progress.update_to(start_step)
         if watchdog is not None:
             watchdog.beat(self.stage, start_step)

@@ -26,7 +26,7 @@ def rank_main(cfg_dict: dict[str, Any]) -> dict[str, Any] | None:
 
     from ..worker_env import quiet_framework_logs
 
-    quiet_framework_logs()
+    quiet_framework_logs(all_ranks=cfg.log_all_ranks)
     import torch
 
     from ..backends import load_registry
@@ -59,7 +59,8 @@ def rank_main(cfg_dict: dict[str, Any]) -> dict[str, Any] | None:
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.data.tokenizer)
     run_dir = Path(cfg.run_dir)
-    events = EventLog(run_dir / "events.jsonl" if rank == 0 else None)
+    events = EventLog(run_dir / "events.jsonl" if rank == 0 else None,
+                      tensorboard_dir=run_dir / "tensorboard" if rank == 0 and cfg.tensorboard else None)
     watchdog = None
     if cfg.hang_timeout:
         from .watchdog import Watchdog
