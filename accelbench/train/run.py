@@ -260,6 +260,8 @@ def execute(cfg: Any, backend: Any, result: dict[str, Any], spec: LaunchSpec) ->
         summaries = next((v for v in returned.values() if v), {})
         for stage, summary in summaries.items():
             result["stages"][stage]["metrics"] = summary
+            # changes the trainer made to the model itself (e.g. generation_config.do_sample)
+            result["adjustments"] += [a | {"stage": stage} for a in summary.pop("trainer_adjustments", [])]
         if cfg.eval_mmmu:  # a resumed evaluation continues from mmmu.partial.jsonl
             result["mmmu"] = run_mmmu_eval(run_dir, cfg, backend, quiet=cfg.quiet)
     except BaseException as exc:

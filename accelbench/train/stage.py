@@ -89,6 +89,7 @@ class StageRunner:
             with deepspeed.zero.GatheredParameters(params, modifier_rank=0, enabled=zero3 is not None):
                 if self.rank == 0 or zero3 is None:
                     load_projector(model, projector)
+        self.trainer_adjustments = [a.to_dict() for a in getattr(model, "_accelbench_adjustments", [])]
         trainable = freeze_for_stage(model, self.stage)
         if self.plan["gradient_checkpointing"]:
             enable_checkpointing(model)
@@ -254,6 +255,7 @@ class StageRunner:
                             peak_flops=peak, chips_per_board=self.info.chips_per_board,
                             flagperf_params=self.preset.nominal_params, stage=self.stage, device_total=total)
         summary["data"] = data_info
+        summary["trainer_adjustments"] = self.trainer_adjustments
         summary["mem_device_used"] = self._device_used()
         if resume_at is not None:
             summary["resumed_from_step"] = resume_at
