@@ -27,4 +27,4 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
 
 
 def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2, default=str) + "\n")
+    write_text_atomic(path, json.dumps(obj, indent=2, default=str, ensure_ascii=False) + "\n")

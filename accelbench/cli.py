@@ -77,8 +77,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.device_name or args.device_memory:
         if not (args.device_name and args.device_memory):
             raise AccelbenchError("describe a machine with both --device-name and --device-memory")
-        from .machine import KNOWN_PACKAGES, probe_machine  # noqa: F401  (packages default to this host's)
-
         memory = parse_bytes(args.device_memory)
         machine = describe_machine(args.device_name, memory, count=1)
         if args.assume_package:

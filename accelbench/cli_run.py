@@ -59,9 +59,10 @@ def cmd_eval_mmmu(args: argparse.Namespace) -> int:
                                            else Path("mmmu.json"))
     backend = load_registry().select(args.backend)
     report = evaluate_model_dir(args.model, args.data, out_path=out, generation=args.generation, limit=args.limit,
-                                subjects=args.subjects, backend=backend, quiet=args.quiet)
-    print(json.dumps({"overall_accuracy": report.get("overall_accuracy"), "questions": report.get("answered"),
-                      "fallbacks": report.get("fallback_count"), "out": str(out)}, default=str))
+                                subjects=args.subjects, backend=backend, quiet=args.quiet, nproc=args.nproc)
+    overall = report["overall"]
+    print(json.dumps({"accuracy": overall["accuracy"], "correct": overall["correct"], "questions": overall["total"],
+                      "fallbacks": report["fallbacks"], "skipped": report["skipped_count"], "out": str(out)}))
     return 0
 
 
@@ -126,6 +127,7 @@ def register(sub: Any) -> None:
     s.add_argument("--limit", type=int)
     s.add_argument("--generation", default="greedy", choices=["greedy", "flagperf"])
     s.add_argument("--backend")
+    s.add_argument("--nproc", type=int, default=1, help="processes that split the questions (one per device)")
     s.add_argument("--out")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_eval_mmmu)

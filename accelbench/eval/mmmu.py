@@ -9,11 +9,11 @@ from __future__ import annotations
 import json
 import os
 import random
-import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from accelbench.atomic import write_json_atomic
 from accelbench.eval.mmmu_data import (
     DISCIPLINES, MULTIPLE_CHOICE, id_order, SUBJECT_TO_DISCIPLINE, SUBJECTS, MMMUDataError, MMMUQuestion,
     choice_letters, decode_image, load_mmmu, parse_answer, parse_options,
@@ -26,7 +26,7 @@ __all__ = [
     "DISCIPLINES", "SUBJECTS", "SUBJECT_TO_DISCIPLINE", "MMMUDataError", "MMMUQuestion", "Score",
     "IMAGE_INPUTS", "GENERATION_MODES", "build_prompt", "user_turn", "evaluate", "merge_results",
     "load_mmmu", "parse_options", "parse_answer", "decode_image", "score_response", "score_records",
-    "summarize", "write_json_atomic", "expand2square", "llava_image_processor", "partial_path_for",
+    "summarize", "expand2square", "llava_image_processor", "partial_path_for",
     "parse_multi_choice_response", "parse_open_response", "choice_letters",
 ]
 
@@ -155,22 +155,6 @@ def _report(records: list[dict[str, Any]], generation: dict[str, Any], skipped: 
         **extra,
         "questions": scored,
     }
-
-
-def write_json_atomic(data: Any, path: str | Path) -> None:
-    """Write JSON via a temp file in the same directory and ``os.replace`` (no torn files)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, ensure_ascii=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def merge_results(parts: list[dict[str, Any]]) -> dict[str, Any]:
@@ -328,5 +312,5 @@ def evaluate(
                 progress(len(done), total)
     records = [{k: v for k, v in r.items() if k != "generation"} for r in done.values()]
     report = _report(records, settings, run_skipped, rank=rank, world_size=world_size)
-    write_json_atomic(report, out_path)
+    write_json_atomic(out_path, report)
     return report

@@ -14,7 +14,7 @@ from typing import Any
 
 from ..errors import AccelbenchError
 from .flagperf_import import import_flagperf, is_import
-from .markdown import GIB, NA, device_label, fix_hp, memory_cell
+from .markdown import GIB, NA, device_label, fix_hp
 from .result import RESULT, read_result
 
 COLUMNS = ["#", "run", "config", "stage", "fix_hp", "token/p/s", "token/p/s vs base", "loss", "mem",
