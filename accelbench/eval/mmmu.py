@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from accelbench.atomic import write_json_atomic
+from accelbench.train.images import expand2square  # LLaVA's pad-to-square, one implementation
 from accelbench.eval.mmmu_data import (
     DISCIPLINES, MULTIPLE_CHOICE, id_order, SUBJECT_TO_DISCIPLINE, SUBJECTS, MMMUDataError, MMMUQuestion,
     choice_letters, decode_image, load_mmmu, parse_answer, parse_options,
@@ -36,7 +37,6 @@ SYSTEM = ("A chat between a curious user and an artificial intelligence assistan
 MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 OPEN_INSTRUCTION = "Answer the question using a single word or phrase."
 IMAGE_PLACEHOLDER = "<image>"
-CLIP_MEAN_RGB = (122, 116, 104)  # round(255 * CLIP image mean): LLaVA-1.5's pad colour
 
 # FlagPerf's LLaVA-1.5 MMMU settings are sampled beam search, so its scores vary run to run.
 GENERATION_MODES: dict[str, dict[str, Any]] = {
@@ -66,19 +66,6 @@ def build_prompt(question: MMMUQuestion) -> str:
 
 
 # ----------------------------------------------------------------------------- image preprocessing
-
-
-def expand2square(image: Any, background: tuple[int, int, int] = CLIP_MEAN_RGB) -> Any:
-    """Pad a PIL image to a centred square, as LLaVA-1.5's ``image_aspect_ratio=pad`` does."""
-    from PIL import Image
-
-    w, h = image.size
-    if w == h:
-        return image
-    side = max(w, h)
-    canvas = Image.new(image.mode, (side, side), background)
-    canvas.paste(image, ((side - w) // 2, (side - h) // 2))
-    return canvas
 
 
 def llava_image_processor(hf_processor: Any) -> ImageProcessor:
