@@ -10,7 +10,7 @@ from typing import Any
 from ..errors import AccelbenchError, ConfigError
 from .launch import LaunchSpec
 
-DEFAULT_STEPS = {"tiny": {"pretrain": 20, "finetune": 20}}
+DEFAULT_STEPS = 20  # optimizer steps per stage
 DEFAULT_HANG_TIMEOUT = 1800.0  # seconds; a 13B step on a slow device is minutes, never half an hour
 TINY_MBS = {"pretrain": 8, "finetune": 4}  # CPU-sized micro-batches for the embedded default
 
@@ -178,7 +178,7 @@ def run(opts: RunOptions) -> dict[str, Any]:
     data = prepare_data(opts, preset.vision.image_size, preset.llm.vocab if opts.case == "tiny" else 1024)
     run_dir = Path(opts.out) if opts.out else default_run_dir(opts.case)
     run_dir.mkdir(parents=True, exist_ok=True)
-    steps = opts.steps or DEFAULT_STEPS.get(opts.case, {}).get("pretrain", 20)
+    steps = opts.steps or DEFAULT_STEPS
     weights = {"llm": opts.llm, "vision_tower": opts.vision_tower, "projector": opts.projector}
     is_rank0_node = opts.launch.node_rank == 0
     do_eval = opts.eval_mmmu and "finetune" in opts.stages and bool(data.get("mmmu")) and Path(data["mmmu"]).is_dir()
