@@ -121,7 +121,10 @@ class StageRunner:
             workers = 0 if self.device.type == "cpu" else min(4, max(1, (os.cpu_count() or 1) // self.world_size))
         return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=fn,
                                            pin_memory=self.device.type == "cuda",
-                                           prefetch_factor=2 if workers else None, persistent_workers=False)
+                                           prefetch_factor=2 if workers else None,
+                                           # indices come from the batch sampler in this process, so the
+                                           # workers can outlive an epoch instead of being re-spawned
+                                           persistent_workers=workers > 0)
 
     def pretrain_projector(self) -> str | None:
         """Finetune starts from the pretrain stage's projector when this run trained one."""
