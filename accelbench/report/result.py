@@ -73,6 +73,9 @@ def new_result(*, run_dir: Path, backend: Any, case: str, plans: dict[str, Any],
         },
         "optimizations": sorted({f"attention: {p.attn_implementation}" for p in plans.values()}
                                 | {"gradient checkpointing" for p in plans.values() if p.grad_ckpt}
+                                | {"no padding: packed micro-batches, varlen attention" for p in plans.values()
+                                   if p.packed}
+                                | {"loss: logits at target positions only, chunked"}
                                 | {f"dtype: {p.dtype}" for p in plans.values()}),
         "adjustments": adjustments,
         "stages": stages,
