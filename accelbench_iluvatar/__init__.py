@@ -151,7 +151,7 @@ def accelbench_adjust_plan(backend: str, plan: Any) -> list[Adjustment] | None:
                      f"the {usable / 2**30:.1f} GiB usable ({HEADROOM:.0%} of {plan.device_memory / 2**30:.0f} GiB "
                      f"per chip)")
     for (case, board), (limit, source) in DOCUMENTED_MBS_LIMITS.items():
-        if case == plan.case and re.search(board, plan.device_name.upper()) and limit < cap:  # never lower today
+        if case == plan.case and re.search(board, plan.device_name.upper()) and limit < cap:  # only where stricter than the model
             cap, why = limit, source
     if cap >= 1 and plan.micro_batch > cap:
         out += plan.set_micro_batch(cap, why, NAME)

@@ -53,18 +53,33 @@ def accelbench_probe(backend: str, machine: MachineFacts) -> Availability | None
     return Availability(True, f"{machine.device_count} x {', '.join(names)} (CUDA {machine.cuda_version})")
 
 
-def _driver_version() -> str:
+def _nvml(query: Any) -> Any:
+    """Run ``query(pynvml)`` between nvmlInit and nvmlShutdown; None when NVML is missing or fails."""
     try:
         import pynvml
 
         pynvml.nvmlInit()
-        return str(pynvml.nvmlSystemGetDriverVersion())
-    except Exception:  # NVML is optional: fall back to nvidia-smi, then "unknown"
-        pass
+    except Exception:  # NVML is optional: callers fall back to nvidia-smi
+        return None
+    try:
+        return query(pynvml)
+    except Exception:
+        return None
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def _driver_version() -> str:
+    version = _nvml(lambda nv: str(nv.nvmlSystemGetDriverVersion()))
+    if version:
+        return version
     exe = shutil.which("nvidia-smi")
     if exe:
-        out = subprocess.run([exe, "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20)
+        try:
+            out = subprocess.run([exe, "--query-gpu=driver_version", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=20)
+        except (OSError, subprocess.TimeoutExpired):  # a hung or broken tool is "unknown", not a broken plugin
+            return "unknown"
         if out.returncode == 0 and out.stdout.strip():
             return out.stdout.splitlines()[0].strip()
     return "unknown"
@@ -121,17 +136,11 @@ def accelbench_memory_headroom(backend: str) -> float | None:
 def accelbench_memory_usage(backend: str) -> list[tuple[int, int]] | None:
     if backend != NAME:
         return None
-    try:
-        import pynvml
+    def read(nv: Any) -> list[tuple[int, int]]:
+        mems = [nv.nvmlDeviceGetMemoryInfo(nv.nvmlDeviceGetHandleByIndex(i)) for i in range(nv.nvmlDeviceGetCount())]
+        return [(int(m.used), int(m.total)) for m in mems]
 
-        pynvml.nvmlInit()
-        usage = []
-        for i in range(pynvml.nvmlDeviceGetCount()):
-            mem = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(i))
-            usage.append((int(mem.used), int(mem.total)))
-        return usage
-    except Exception:  # NVML missing or failing: nvidia-smi reads the same counters
-        return query_smi("nvidia-smi")
+    return _nvml(read) or query_smi("nvidia-smi")  # nvidia-smi reads the same counters
 
 
 @hookimpl

@@ -14,7 +14,7 @@ PEAK_TABLE: list[tuple[str, dict[str, float], str]] = [
     (r"H200", {"bf16": 989.4 * T, "fp16": 989.4 * T, "tf32": 494.7 * T, "fp32": 66.9 * T}, "NVIDIA H200 SXM datasheet"),
     (r"H100.*NVL", {"bf16": 835 * T, "fp16": 835 * T, "tf32": 417.5 * T, "fp32": 60 * T}, "NVIDIA H100 NVL datasheet"),
     (r"H100.*PCIE", {"bf16": 756.5 * T, "fp16": 756.5 * T, "tf32": 378 * T, "fp32": 51.2 * T}, "NVIDIA H100 PCIe datasheet"),
-    (r"H100|H800.*(SXM|HBM3)", {"bf16": 989.4 * T, "fp16": 989.4 * T, "tf32": 494.7 * T, "fp32": 66.9 * T},
+    (r"(H100)|(H800.*(SXM|HBM3))", {"bf16": 989.4 * T, "fp16": 989.4 * T, "tf32": 494.7 * T, "fp32": 66.9 * T},
      "NVIDIA H100 SXM datasheet"),
     (r"A100|A800", {"bf16": 312 * T, "fp16": 312 * T, "tf32": 156 * T, "fp32": 19.5 * T}, "NVIDIA A100/A800 datasheet"),
     (r"L40S", {"bf16": 362.05 * T, "fp16": 362.05 * T, "tf32": 183 * T, "fp32": 91.6 * T}, "NVIDIA L40S datasheet"),

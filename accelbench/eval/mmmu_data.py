@@ -15,6 +15,8 @@ from typing import Any
 
 from PIL import Image
 
+from accelbench.errors import DataError
+
 # MMMU's discipline -> subject table (official DOMAIN_CAT2SUB_CAT).
 DISCIPLINES: dict[str, list[str]] = {
     "Art and Design": ["Art", "Art_Theory", "Design", "Music"],
@@ -46,7 +48,7 @@ SKIP_UNKNOWN_FOLDER = "unknown_subject_folder"
 SKIP_NO_SPLIT_FILES = "no_split_files"
 
 
-class MMMUDataError(ValueError):
+class MMMUDataError(DataError):
     """Bad MMMU input; the message names the file/question and how to fix it."""
 
 
@@ -118,7 +120,7 @@ def parse_answer(raw: Any, question_type: str) -> str | list[str]:
 
 
 def decode_image(cell: Any) -> Image.Image:
-    """An ``{bytes, path}`` image struct to an RGB PIL image; ValueError if absent or undecodable."""
+    """An ``{bytes, path}`` image struct to an RGB PIL image; LookupError if absent, ValueError if undecodable."""
     data = cell.get("bytes") if isinstance(cell, dict) else None
     if not data:
         raise LookupError("no image bytes")

@@ -74,7 +74,9 @@ def _evaluate_share(job: dict[str, Any], *, rank: int, world_size: int, local_ra
         device = f"{backend.device_info().torch_device_type}:{local_rank}"
     elif world_size > 1:  # CPU ranks share the cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-    dtype = torch.bfloat16 if device != "cpu" else torch.float32
+    from ..train.model import DTYPES
+
+    dtype = DTYPES[backend.precision().default_dtype] if backend is not None and device != "cpu" else torch.float32
     model = LlavaForConditionalGeneration.from_pretrained(job["model_dir"], dtype=dtype).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(job["model_dir"])
     transform = make_image_transform(model.config.vision_config.image_size, "pad")
