@@ -11,7 +11,7 @@ from typing import Any
 def cmd_run(args: argparse.Namespace) -> int:
     from .report.markdown import performance_rows
     from .train.launch import LaunchSpec
-    from .train.run import DEFAULT_HANG_TIMEOUT, RunOptions, run
+    from .train.run import RunOptions, run
 
     opts = RunOptions(
         case=args.case, backend=args.backend, stages=args.stages.split(","), steps=args.steps, mbs=args.mbs,
@@ -21,7 +21,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         max_bad_fraction=args.max_bad_fraction, quiet=args.quiet, log_all_ranks=args.log_all_ranks,
         tensorboard=args.tensorboard, zero_stage=args.zero_stage, lr=args.lr,
         save_every=args.save_every, resume=args.resume,
-        hang_timeout=DEFAULT_HANG_TIMEOUT if args.hang_timeout is None else args.hang_timeout,
+        hang_timeout=args.hang_timeout,
         launch=LaunchSpec(nproc_per_node=args.nproc_per_node, nnodes=args.nnodes, node_rank=args.node_rank,
                           master_addr=args.master_addr, master_port=args.master_port),
     )

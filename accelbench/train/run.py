@@ -42,7 +42,7 @@ class RunOptions:
     zero_stage: int | None = None  # None: the stage's FlagPerf default (2 pretrain, 3 finetune)
     lr: float | None = None
     save_every: int | None = None
-    hang_timeout: float | None = DEFAULT_HANG_TIMEOUT  # 0 or None: no watchdog
+    hang_timeout: float | None = None  # None: DEFAULT_HANG_TIMEOUT (a resume keeps its run's); 0: no watchdog
     resume: str | None = None  # a run directory to continue
 
 
@@ -193,7 +193,8 @@ def run(opts: RunOptions) -> dict[str, Any]:
         tensorboard=opts.tensorboard, nnodes=opts.launch.nnodes, nproc_per_node=opts.launch.nproc_per_node,
         threads_per_rank=max(1, (os.cpu_count() or 1) // opts.launch.nproc_per_node)
         if backend.device_info().torch_device_type == "cpu" else None,
-        save_every=opts.save_every, hang_timeout=opts.hang_timeout or None,
+        save_every=opts.save_every,
+        hang_timeout=(DEFAULT_HANG_TIMEOUT if opts.hang_timeout is None else opts.hang_timeout) or None,
     )
     result = new_result(run_dir=run_dir, backend=backend, case=opts.case, plans=plans,
                         random_weights=not (opts.llm or opts.vision_tower), weights=weights,
@@ -217,7 +218,7 @@ def resume(opts: RunOptions) -> dict[str, Any]:
     cfg.run_dir, cfg.resume, cfg.quiet = str(run_dir.resolve()), True, opts.quiet
     if opts.save_every is not None:
         cfg.save_every = opts.save_every
-    if opts.hang_timeout != DEFAULT_HANG_TIMEOUT:  # given on the command line
+    if opts.hang_timeout is not None:  # given on the command line
         cfg.hang_timeout = opts.hang_timeout or None
     spec = LaunchSpec(nproc_per_node=cfg.nproc_per_node, nnodes=cfg.nnodes, node_rank=opts.launch.node_rank,
                       master_addr=opts.launch.master_addr, master_port=opts.launch.master_port)
