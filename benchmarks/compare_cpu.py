@@ -197,7 +197,7 @@ CPU_COLUMNS = [
     ("tokens/s per process", "tokens_per_s_per_proc", ".1f"),
     ("step s (median)", "step_time_s_median", ".3f"),
     ("padding eff.", "padding_efficiency", ".3f"),
-    (f"loss after N steps", "loss_last", ".4f"),
+    ("loss after N steps", "loss_last", ".4f"),
     ("peak RSS MiB", "mem_rss_peak_mib", ".0f"),
 ]
 
@@ -245,9 +245,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"check, per-step best of {a.repeats} repeats: accelbench {a_best:.1f} vs peer {p_best:.1f} "
               f"tokens/s per process: ratio {a_best / p_best:.3f}")
     if a.json:
-        Path(a.json).write_text(json.dumps([{"path": r.path, "repeat": r.repeat, "wall_s": r.wall_s,
-                                             "summary": r.summary} for r in results], indent=2, default=str))
+        write_results_json(a.json, results)
     return 0
+
+
+def write_results_json(path: str, results: Sequence[RunResult]) -> None:
+    Path(path).write_text(json.dumps([{"path": r.path, "repeat": r.repeat, "wall_s": r.wall_s,
+                                       "summary": r.summary} for r in results], indent=2, default=str))
 
 
 if __name__ == "__main__":

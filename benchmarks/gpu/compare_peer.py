@@ -22,11 +22,10 @@ CPU smoke test of this script (runs here): ``python benchmarks/gpu/compare_peer.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # benchmarks/: compare_cpu (the shared runners)
@@ -103,8 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"steady steps {results[0].summary.get('steady_steps')} of {a.steps}")
     cc.print_table(results, s, GPU_COLUMNS)
     if a.json:
-        Path(a.json).write_text(json.dumps([{"path": r.path, "repeat": r.repeat, "wall_s": r.wall_s,
-                                             "summary": r.summary} for r in results], indent=2, default=str))
+        cc.write_results_json(a.json, results)
     return 0
 
 
