@@ -157,10 +157,11 @@ def describe_machine(device_name: str, device_memory: int, count: int = 1, *, to
 def _guess_capability(device_name: str) -> tuple[int, int]:
     """Compute capability from a product name (described machines only)."""
     n = device_name.upper()
-    for pattern, cap in ((r"B200|GB200|B100", (10, 0)), (r"H100|H200|H800|GH200", (9, 0)),
-                         (r"L40|L4\b|RTX 40|ADA", (8, 9)), (r"A100|A800|A30\b", (8, 0)),
-                         (r"A10\b|A40|A6000|RTX 30", (8, 6)), (r"V100", (7, 0)), (r"T4\b", (7, 5)),
-                         (r"ILUVATAR|BI-V1|BI-150|MR-V", (8, 0))):
+    # Iluvatar first: "BI-V100" would otherwise read as an NVIDIA V100 (ivcore reports 8.0)
+    for pattern, cap in ((r"ILUVATAR|BI-V1|BI-150|MR-V", (8, 0)), (r"B200|GB200|B100", (10, 0)),
+                         (r"H100|H200|H800|GH200", (9, 0)), (r"L40|L4\b|RTX 40|ADA", (8, 9)),
+                         (r"A100|A800|A30\b", (8, 0)), (r"A10\b|A40|A6000|RTX 30", (8, 6)), (r"V100", (7, 0)),
+                         (r"T4\b", (7, 5))):
         if re.search(pattern, n):
             return cap
     return (0, 0)

@@ -132,3 +132,9 @@ def test_capability_records_are_frozen_and_serialise():
 def test_described_machine_guesses_capability():
     m = describe_machine("NVIDIA A800-SXM4-80GB", 80 * GIB, packages=frozenset())
     assert m.capabilities == ((8, 0),) and m.described
+
+
+@pytest.mark.parametrize("name,cap", [("Iluvatar BI-V100", (8, 0)), ("Tesla V100-SXM2-32GB", (7, 0)),
+                                      ("NVIDIA H200", (9, 0))])
+def test_described_capability_guess_by_name(name, cap):
+    assert describe_machine(name, 32 * GIB, packages=frozenset()).capabilities == (cap,)
