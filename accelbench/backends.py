@@ -15,7 +15,7 @@ import pluggy
 
 from . import hookspecs
 from .capabilities import (Adjustment, AttentionCapability, Availability, BackendSpec, DeviceInfo,
-                           PeakFlops, PrecisionCapability)
+                           KernelCapability, PeakFlops, PrecisionCapability)
 from .errors import BackendError
 from .machine import MachineFacts, probe_machine
 
@@ -206,6 +206,11 @@ class Backend:
     def precision(self) -> PrecisionCapability:
         return self._first("accelbench_precision", machine=self.machine)
 
+    def kernels(self) -> KernelCapability:
+        """Fused kernel sets (optional: a backend without them trains with transformers' modules)."""
+        return self.registry.call_first("accelbench_kernels", backend=self.name, machine=self.machine) \
+            or KernelCapability()
+
     def peak_flops(self, device_name: str, dtype: str) -> PeakFlops:
         result = self.registry.call_first("accelbench_peak_flops", backend=self.name,
                                           device_name=device_name, dtype=dtype)
@@ -237,7 +242,8 @@ class Backend:
 
     def capabilities(self) -> dict[str, Any]:
         return {"backend": self.name, "why": self.why, "device": self.device_info().to_dict(),
-                "attention": self.attention().to_dict(), "precision": self.precision().to_dict()}
+                "attention": self.attention().to_dict(), "precision": self.precision().to_dict(),
+                "kernels": self.kernels().to_dict()}
 
 
 def _allowed_plugins() -> set[str] | None:

@@ -88,6 +88,21 @@ class AttentionCapability(_ToDict):
 
 
 @dataclass(frozen=True)
+class KernelSet(_ToDict):
+    """A set of fused training kernels the trainer knows by name (``"liger"``: Liger's Triton
+    RMSNorm, SwiGLU and rotary kernels), with the import names it needs."""
+
+    name: str
+    packages: tuple[str, ...] = ()
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class KernelCapability(_ToDict):
+    sets: tuple[KernelSet, ...] = ()  # in order of preference; empty: transformers' own modules
+
+
+@dataclass(frozen=True)
 class PrecisionCapability(_ToDict):
     bf16: bool
     fp16: bool

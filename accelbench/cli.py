@@ -84,7 +84,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     reg = load_registry(machine=machine)
     backend = reg.select(args.backend)
     plan = build_plan(backend, case=args.case, stage=args.stage, nproc=args.nproc, micro_batch=args.mbs,
-                      grad_accum=args.gas, seq_len=args.seq)
+                      grad_accum=args.gas, seq_len=args.seq, recompute=args.recompute,
+                      without=[w for w in (args.without or "").split(",") if w])
     if args.json:
         _print_json(plan.to_dict())
         return 0
@@ -96,8 +97,12 @@ def render_plan(plan: Any) -> str:
     lines = [
         f"plan: {plan.case} {plan.stage} on {plan.backend}: {plan.nproc} x {plan.device_name} "
         f"({_gib(plan.device_memory)} each)",
-        f"  dtype {plan.dtype}; tf32 {'on' if plan.tf32 else 'off'}; attention {plan.attn_implementation}; "
-        f"gradient checkpointing {'on' if plan.grad_ckpt else 'off'}",
+        f"  dtype {plan.dtype}; tf32 {'on' if plan.tf32 else 'off'}; attention {plan.attn_implementation}"
+        f"{' (packed)' if plan.packed else ''}; kernels {plan.kernels}; loss {plan.loss}",
+        f"  gradient checkpointing {'on' if plan.grad_ckpt else 'off'}: {plan.recompute_layers} of "
+        f"{plan.preset.llm.layers} decoder layers replayed"
+        + (f" (at {plan.micro_batch_tokens} tokens per micro-batch)" if plan.micro_batch_tokens else
+           f" (sized for {plan.micro_batch} x {plan.seq_len} tokens per micro-batch; a run sizes it from the data)"),
         f"  ZeRO stage {plan.zero_stage}; lr {plan.lr:g}",
         f"  micro-batch (LBS) {plan.micro_batch} (requested {plan.micro_batch_requested}); GAS {plan.grad_accum}; "
         f"GBS {plan.global_batch}; MPE {plan.seq_len}",
@@ -134,6 +139,8 @@ def cmd_mfu(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
+    from . import cli_run  # run, data, eval: defined beside the code they drive
+
     p = argparse.ArgumentParser(prog="accelbench", description=__doc__)
     p.add_argument("--version", action="version", version=f"accelbench {__version__}")
     sub = p.add_subparsers(dest="command")
@@ -159,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--mbs", help="micro-batch per process, or 'auto' (default: the case's)")
     s.add_argument("--gas", type=int, default=1, help="gradient-accumulation steps")
     s.add_argument("--seq", type=int, default=2048, help="sequence cap (model_max_length)")
+    cli_run.add_speed_options(s)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_plan)
 
@@ -169,8 +177,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tokens-per-sec", type=float, required=True)
     s.add_argument("--peak-tflops", type=float, required=True)
     s.set_defaults(func=cmd_mfu)
-
-    from . import cli_run  # run, data, eval: defined beside the code they drive
 
     cli_run.register(sub)
     from . import cli_report  # report, compare, import-flagperf

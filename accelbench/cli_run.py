@@ -21,7 +21,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         max_bad_fraction=args.max_bad_fraction, quiet=args.quiet, log_all_ranks=args.log_all_ranks,
         tensorboard=args.tensorboard, zero_stage=args.zero_stage, lr=args.lr,
         save_every=args.save_every, resume=args.resume,
-        hang_timeout=args.hang_timeout,
+        hang_timeout=args.hang_timeout, recompute=args.recompute,
+        without=[w for w in (args.without or "").split(",") if w],
         launch=LaunchSpec(nproc_per_node=args.nproc_per_node, nnodes=args.nnodes, node_rank=args.node_rank,
                           master_addr=args.master_addr, master_port=args.master_port),
     )
@@ -66,6 +67,17 @@ def cmd_eval_mmmu(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_speed_options(parser: Any) -> None:
+    """--recompute and --without: shared by `run` and `plan`."""
+    from .plan import LEVERS
+
+    parser.add_argument("--recompute", default="auto", metavar="auto|all|N",
+                        help="decoder layers whose forward is replayed in backward: auto (as few as the memory "
+                             "model allows), all, or a number (default auto)")
+    parser.add_argument("--without", metavar="LEVER[,LEVER]",
+                        help="turn speed levers off, for ablations: " + "; ".join(f"{k}: {v}" for k, v in LEVERS.items()))
+
+
 def register(sub: Any) -> None:
     s = sub.add_parser("run", help="train LLaVA-1.5 (pretrain + finetune) and write the report; "
                                    "no arguments: tiny model on synthetic data")
@@ -102,6 +114,7 @@ def register(sub: Any) -> None:
     s.add_argument("--hang-timeout", type=float, metavar="S",
                    help="seconds without a finished step before every rank's stacks are dumped and the run "
                         "stops (default 1800; 0 turns it off)")
+    add_speed_options(s)
     s.add_argument("--log-all-ranks", action="store_true", help="progress and framework logs from every rank")
     s.add_argument("--tensorboard", action="store_true", help="write TensorBoard event files to RUN_DIR/tensorboard")
     s.add_argument("--quiet", action="store_true")

@@ -35,6 +35,11 @@ def accelbench_attention(backend: str, machine: Any) -> Any:
 
 
 @hookspec(firstresult=True)
+def accelbench_kernels(backend: str, machine: Any) -> Any:
+    """Return the ``KernelCapability`` of ``backend`` on ``machine`` (None: no fused kernels)."""
+
+
+@hookspec(firstresult=True)
 def accelbench_precision(backend: str, machine: Any) -> Any:
     """Return the ``PrecisionCapability`` of ``backend`` on ``machine``."""
 

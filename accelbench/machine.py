@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from .errors import ConfigError
 
 # Packages whose presence changes what a backend can run; checked with find_spec (no import).
-KNOWN_PACKAGES = ("flash_attn", "liger_kernel", "deepspeed", "transformers", "pynvml", "torch.nn.attention.varlen")
+KNOWN_PACKAGES = ("flash_attn", "liger_kernel", "triton", "deepspeed", "transformers", "pynvml", "torch.nn.attention.varlen")
 EVIDENCE_PATHS = ("/usr/local/corex",)
 EVIDENCE_TOOLS = ("ixsmi", "nvidia-smi", "rocm-smi")
 

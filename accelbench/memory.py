@@ -31,6 +31,7 @@ GiB = 1024**3
 _UNITS = {"B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": GiB}
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 ATTN_IMPLS = ("flash_attention_2", "sdpa", "eager")
+KERNELS = ("hf", "liger")  # transformers' own modules, or Liger's fused RMSNorm/SwiGLU/RoPE
 STAGES = ("pretrain", "finetune")
 FP32 = 4
 
@@ -56,6 +57,23 @@ class MemoryPlanInput:
     loss_impl: str = "hf"
     loss_chunk: int = 4096
     packed: bool = False  # one unpadded row per micro-batch: no attention mask
+    # Tokens in the largest micro-batch; None -> micro_batch × seq_len (every sample at the cap).
+    # A packed run knows it from the data: the sum of the micro_batch longest samples.
+    tokens: int | None = None
+    # Decoder layers whose forward is checkpointed (replayed in backward) when grad_ckpt;
+    # None -> all of them.  The rest keep their activations.
+    recompute_layers: int | None = None
+    kernels: str = "hf"
+
+    @property
+    def micro_batch_tokens(self) -> int:
+        return self.tokens if self.tokens is not None else self.micro_batch * self.seq_len
+
+    @property
+    def checkpointed_layers(self) -> int:
+        if not self.grad_ckpt:
+            return 0
+        return self.preset.llm.layers if self.recompute_layers is None else self.recompute_layers
 
 
 @dataclass(frozen=True)
@@ -178,16 +196,24 @@ def _static_terms(inp: MemoryPlanInput, zero: dict[str, Any]) -> dict[str, int]:
 def layer_saved_bytes_per_token(inp: MemoryPlanInput) -> int:
     """Bytes autograd saves per token inside one Llama decoder layer (no score matrix).
 
+    transformers' modules (kernels "hf"):
     finetune (weights trained): 2 RMSNorms × (fp32 input 4h + bf16 cast 2h + bf16 normed 2h), q, k, v (post-rotary)
     and the attention output kept by the attention kernel (h + 2·kv + h), its fp32 logsumexp
     (4·heads), MLP gate, act, up and act·up (4i).
     pretrain (weights frozen): linear layers keep no inputs and the norm weight-mul keeps nothing,
     so the normed bf16 tensors and down_proj's input (act·up) are not saved.
+    Liger's fused kernels: each RMSNorm keeps its bf16 input and an fp32 rstd per token (finetune
+    also the normed output, for the projections' weight gradients); SwiGLU keeps gate and up and
+    recomputes the activation (finetune also down_proj's input, act·up).
     """
     t, b = inp.preset.llm, DTYPE_BYTES[inp.dtype]
     h, i, kv = t.hidden, t.intermediate, t.kv_heads * t.head_dim
     attn = (h + kv + kv + h) * b  # q, k, v (post-rotary) and the attention output
-    if inp.stage == "finetune":
+    finetune = inp.stage == "finetune"
+    if inp.kernels == "liger":
+        norms = 2 * (b * h + FP32 + (b * h if finetune else 0))
+        mlp = (3 if finetune else 2) * i * b
+    elif finetune:
         norms = 2 * (FP32 * h + 2 * b * h)
         mlp = 4 * i * b
     else:
@@ -239,14 +265,15 @@ def _vision_projector_terms(inp: MemoryPlanInput) -> dict[str, int]:
 def _backward_terms(inp: MemoryPlanInput, zero: dict[str, Any]) -> dict[str, int]:
     p, b = inp.preset, DTYPE_BYTES[inp.dtype]
     t = p.llm
-    tokens = inp.micro_batch * inp.seq_len
+    tokens = inp.micro_batch_tokens
     saved_layer = tokens * layer_saved_bytes_per_token(inp) + _scores_bytes(inp)
+    ckpt = inp.checkpointed_layers
     terms: dict[str, int] = {}
 
-    if inp.grad_ckpt:  # only each decoder layer's input survives the forward
-        terms["act_checkpoints"] = t.layers * tokens * t.hidden * b
-    else:
-        terms["act_all_layers"] = t.layers * saved_layer
+    if ckpt:  # only a checkpointed decoder layer's input survives the forward
+        terms["act_checkpoints"] = ckpt * tokens * t.hidden * b
+    if ckpt < t.layers:  # the other layers keep everything their backward needs
+        terms["act_all_layers" if ckpt == 0 else "act_kept_layers"] = (t.layers - ckpt) * saved_layer
     # The attention mask is shared by all layers: eager adds a float 4D mask, SDPA a bool one
     # (padded batches); flash-attention takes the 2-D mask.
     mask_bytes = 0 if inp.packed else {"eager": b, "sdpa": 1, "flash_attention_2": 0}[inp.attn_impl]
@@ -264,7 +291,7 @@ def _backward_terms(inp: MemoryPlanInput, zero: dict[str, Any]) -> dict[str, int
 
     # Layer backward: (recomputed) saved tensors + grads in flight inside the MLP backward
     # (d(act·up), d(act), d(up) or d(gate): 3 i-wide; incoming and residual grads: 2 h-wide).
-    layer_ws = (saved_layer if inp.grad_ckpt else 0) + tokens * (3 * t.intermediate + 2 * t.hidden) * b
+    layer_ws = (saved_layer if ckpt else 0) + tokens * (3 * t.intermediate + 2 * t.hidden) * b
     layer_ws += _scores_bytes(inp)  # eager: grads of the probabilities (fp32 + bf16)
     # Loss, at log_softmax's backward: fp32 log-softmax output (saved) + fp32 grad of that output
     # (nll_loss backward is dense) + fp32 grad of the logits.  The bf16 logits are gone: the
@@ -298,7 +325,7 @@ def _projector_backward_terms(inp: MemoryPlanInput, zero: dict[str, Any]) -> dic
     if inp.grad_ckpt:
         # masked_scatter's backward has just produced the input-embedding leaf's gradient (T·h)
         # beside the leaf itself (T·h); the projector's gradient follows.
-        terms["act_input_embeds"] = 2 * inp.micro_batch * inp.seq_len * inp.preset.llm.hidden * DTYPE_BYTES[inp.dtype]
+        terms["act_input_embeds"] = 2 * inp.micro_batch_tokens * inp.preset.llm.hidden * DTYPE_BYTES[inp.dtype]
     terms["largest_param_grad"] = _largest_trainable_tensor(inp.preset, inp.stage) * DTYPE_BYTES[inp.dtype]
     return terms
 
@@ -350,6 +377,12 @@ def _validate(inp: MemoryPlanInput) -> None:
         raise ValueError(f"dtype must be one of {tuple(DTYPE_BYTES)}, got {inp.dtype!r}")
     if inp.attn_impl not in ATTN_IMPLS:
         raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {inp.attn_impl!r}")
+    if inp.kernels not in KERNELS:
+        raise ValueError(f"kernels must be one of {KERNELS}, got {inp.kernels!r}")
+    if inp.recompute_layers is not None and not 0 <= inp.recompute_layers <= inp.preset.llm.layers:
+        raise ValueError(f"recompute_layers must be 0..{inp.preset.llm.layers}, got {inp.recompute_layers}")
+    if inp.tokens is not None and inp.tokens < 1:
+        raise ValueError(f"tokens must be >= 1, got {inp.tokens}")
     if inp.dp_size < 1 or inp.micro_batch < 1 or inp.seq_len < 1:
         raise ValueError("dp_size, micro_batch and seq_len must be >= 1")
     if inp.fragmentation < 0 or inp.framework_bytes < 0:
@@ -386,3 +419,19 @@ def fit_micro_batch(inp: MemoryPlanInput, usable_bytes: int, max_mbs: int = 256)
             break
         best, best_est = mbs, est
     return best, best_est
+
+
+def fit_recompute(inp: MemoryPlanInput, usable_bytes: int) -> tuple[int, MemoryEstimate]:
+    """Fewest checkpointed decoder layers whose estimate fits in ``usable_bytes``.
+
+    Recompute buys memory with a replayed forward; a layer that keeps its activations costs
+    ``layer_saved_bytes_per_token - hidden·bytes`` per token more than a checkpointed one.  When even
+    checkpointing every layer does not fit, returns all layers (the micro-batch is the caller's
+    business).
+    """
+    layers = inp.preset.llm.layers
+    for k in range(layers + 1):  # memory falls as k grows: stop at the first fit
+        est = estimate_memory(replace(inp, grad_ckpt=True, recompute_layers=k))
+        if est.total <= usable_bytes:
+            return k, est
+    return layers, estimate_memory(replace(inp, grad_ckpt=True, recompute_layers=layers))

@@ -14,6 +14,14 @@ from .cases import ModelPreset, get_preset
 from .errors import ConfigError
 
 STAGES = ("pretrain", "finetune")
+# The speed levers a run can be told to go without (`--without`), for ablations.
+LEVERS = {
+    "packing": "pad micro-batches instead of packing them for varlen attention",
+    "selective-recompute": "replay every decoder layer instead of only as many as memory needs",
+    "target-loss": "transformers' loss (fp32 logits at every position) instead of the target-only chunked loss",
+    "fused-kernels": "transformers' own norm/MLP/rotary modules instead of the backend's fused kernels",
+    "loader-workers": "load and collate batches in the training process",
+}
 
 
 @dataclass(frozen=True)
@@ -52,6 +60,13 @@ class RunPlan:
     attn_implementation: str = CASE_ATTENTION
     grad_ckpt: bool = True
     packed: bool = False  # unpadded micro-batches (varlen attention): from the chosen attention implementation
+    kernels: str = "hf"  # "hf" (transformers' modules) or a fused kernel set the backend offers ("liger")
+    loss: str = "objective"  # "objective" (target positions only, chunked) or "hf" (transformers' own)
+    recompute: int | str = "auto"  # decoder layers to replay: "auto" (memory model), "all" or a number
+    recompute_layers: int = 0  # resolved: how many decoder layers are checkpointed
+    # Tokens in the largest micro-batch the memory estimate assumes: LBS × MPE until the data is known
+    micro_batch_tokens: int | None = None
+    without: tuple[str, ...] = ()  # levers turned off (LEVERS)
     env: dict[str, str] = field(default_factory=dict)
     adjustments: list[Adjustment] = field(default_factory=list)
     memory: dict[str, Any] | None = None  # the memory estimate at the chosen micro-batch
@@ -97,7 +112,9 @@ class RunPlan:
             "GAS": self.grad_accum, "GBS": self.global_batch, "MPE": self.seq_len,
             "zero_stage": self.zero_stage, "lr": self.lr, "dtype": self.dtype, "tf32": self.tf32,
             "attn_implementation": self.attn_implementation, "gradient_checkpointing": self.grad_ckpt,
-            "packed": self.packed,
+            "packed": self.packed, "kernels": self.kernels, "loss": self.loss, "recompute": self.recompute,
+            "recompute_layers": self.recompute_layers, "micro_batch_tokens": self.micro_batch_tokens,
+            "without": list(self.without),
             "env": dict(self.env), "adjustments": [a.to_dict() for a in self.adjustments],
             "memory_estimate": self.memory, "usable_memory_bytes": self.usable_memory, "notes": list(self.notes),
         }
@@ -126,10 +143,15 @@ def memory_input(plan: RunPlan, micro_batch: int) -> Any:
 
     ds = deepspeed_config(zero_stage=plan.zero_stage, micro_batch=micro_batch, grad_accum=plan.grad_accum,
                           world_size=plan.nproc, dtype=plan.dtype, hidden_size=plan.preset.llm.hidden)
+    # the data's token bound and the recompute choice hold for the plan's own micro-batch; any other
+    # (micro-batch fitting) is estimated full (LBS × MPE) with every layer replayed
+    same_batch = micro_batch == plan.micro_batch
     return MemoryPlanInput(preset=plan.preset, stage=plan.stage, zero_stage=plan.zero_stage, dp_size=plan.nproc,
                            micro_batch=micro_batch, seq_len=plan.seq_len, dtype=plan.dtype,
                            grad_ckpt=plan.grad_ckpt, attn_impl=plan.attn_implementation, ds_config=ds,
-                           loss_impl="objective", packed=plan.packed)
+                           loss_impl=plan.loss, packed=plan.packed, kernels=plan.kernels,
+                           tokens=plan.micro_batch_tokens if same_batch else None,
+                           recompute_layers=plan.recompute_layers if same_batch else None)
 
 
 def fit_micro_batch(plan: RunPlan, usable_bytes: int, calibration: float = 1.0, max_mbs: int = 256) -> tuple[int, Any]:
@@ -147,7 +169,8 @@ def estimate(plan: RunPlan, micro_batch: int | None = None) -> Any:
 
 def build_plan(backend: Any, *, case: str, stage: str, nproc: int = 1, micro_batch: int | str | None = None,
                grad_accum: int = 1, seq_len: int = CASE_SEQ, zero_stage: int | None = None,
-               lr: float | None = None, grad_ckpt: bool = True) -> RunPlan:
+               lr: float | None = None, grad_ckpt: bool = True, recompute: int | str = "auto",
+               without: tuple[str, ...] | list[str] = ()) -> RunPlan:
     """Resolve a plan for ``backend`` (a ``backends.Backend``) on its machine."""
     preset = get_preset(case)
     if stage not in STAGES:
@@ -162,6 +185,10 @@ def build_plan(backend: Any, *, case: str, stage: str, nproc: int = 1, micro_bat
         raise ConfigError(f"--zero-stage {zero_stage!r} is unknown: choose 0, 1, 2 or 3")
     if lr is not None and not (0 < lr < 1):
         raise ConfigError(f"--lr {lr!r} is impossible: give a learning rate between 0 and 1, e.g. 2e-5")
+    unknown = sorted(set(without) - set(LEVERS))
+    if unknown:
+        raise ConfigError(f"--without {','.join(unknown)}: unknown lever; choose from {', '.join(LEVERS)}")
+    recompute = parse_recompute(recompute, preset.llm.layers)
     defaults = STAGE_DEFAULTS[stage]
     requested = parse_mbs(micro_batch) if micro_batch is not None else defaults.micro_batch
     info = backend.device_info()
@@ -171,7 +198,11 @@ def build_plan(backend: Any, *, case: str, stage: str, nproc: int = 1, micro_bat
         micro_batch=requested if isinstance(requested, int) else defaults.micro_batch,
         grad_accum=grad_accum, seq_len=seq_len, zero_stage=defaults.zero_stage if zero_stage is None else zero_stage,
         lr=(dict(preset.stage_lr).get(stage, defaults.lr) if lr is None else lr), grad_ckpt=grad_ckpt,
+        recompute="all" if "selective-recompute" in without else recompute,
+        recompute_layers=preset.llm.layers if grad_ckpt else 0, without=tuple(without),
     )
+    if "target-loss" in without:
+        plan.record(plan.change("loss", "hf", "--without target-loss", "user"))
     plan.record(backend.setup_env(plan.env))
     _resolve_capabilities(plan, backend)
     plan.usable_memory = int(plan.device_memory * backend.memory_headroom())
@@ -185,10 +216,67 @@ def build_plan(backend: Any, *, case: str, stage: str, nproc: int = 1, micro_bat
         plan.record(plan.set_micro_batch(mbs, f"--mbs auto: largest micro-batch whose estimated peak fits in "
                                               f"{plan.usable_memory / 2**30:.1f} GiB usable", "planner"))
     plan.record(backend.adjust_plan(plan))  # vendor limits apply after any fitting
+    fit_recompute(plan, backend)
+    return plan
+
+
+def parse_recompute(value: int | str, layers: int) -> int | str:
+    if value in ("auto", "all"):
+        return value
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        n = -1
+    if not 0 <= n <= layers:
+        raise ConfigError(f"--recompute {value!r} is impossible: give auto, all or a number of decoder "
+                          f"layers 0..{layers}")
+    return n
+
+
+def fit_recompute(plan: RunPlan, backend: Any, micro_batch_tokens: int | None = None) -> None:
+    """Resolve how many decoder layers replay their forward, then the plan's memory estimate.
+
+    ``auto``: the fewest whose estimate, at the plan's largest micro-batch, fits the usable memory
+    (lever 2: recompute only what memory needs).  Without data the micro-batch is assumed full
+    (LBS × MPE tokens); ``accelbench run`` calls this again with the data's bound once it is known.
+    """
+    from .memory import fit_recompute as fit
+
+    if micro_batch_tokens is not None:
+        plan.micro_batch_tokens = micro_batch_tokens
+    layers = plan.preset.llm.layers
+    calibration = backend.memory_calibration()
+    if not plan.grad_ckpt:
+        plan.recompute_layers = 0
+    elif plan.recompute == "all":
+        plan.recompute_layers = layers
+    elif isinstance(plan.recompute, int):
+        plan.recompute_layers = plan.recompute
+    else:
+        plan.recompute_layers = layers  # the estimate to start from
+        k, _ = fit(memory_input(plan, plan.micro_batch), int((plan.usable_memory or 0) / calibration))
+        plan.recompute_layers = k
+        tokens = (f"{plan.micro_batch_tokens} tokens, the data's longest micro-batch" if plan.micro_batch_tokens
+                  else f"{plan.micro_batch * plan.seq_len} tokens (LBS x MPE)")
+        # a re-fit (the data's bound) replaces the earlier record
+        plan.adjustments = [a for a in plan.adjustments if a.what != "recompute_layers"]
+        if k != layers:
+            plan.adjustments.append(Adjustment("recompute_layers", layers, k, f"the fewest replayed decoder layers "
+                                               f"whose estimate fits the usable memory at {tokens}", "planner"))
     plan.memory = estimate(plan).to_dict()
     plan.memory["calibration"] = calibration
     plan.memory["calibrated_total"] = plan.memory["total"] * calibration
-    return plan
+
+
+def _resolve_kernels(plan: RunPlan, backend: Any) -> None:
+    offered = [k for k in backend.kernels().sets if all(p in backend.machine.packages for p in k.packages)]
+    if not offered:
+        return
+    if "fused-kernels" in plan.without:
+        plan.notes.append(f"fused kernels {offered[0].name} available but off (--without fused-kernels)")
+        return
+    plan.record(plan.change("kernels", offered[0].name, offered[0].description or
+                            f"backend {backend.name} offers {offered[0].name}", backend.name))
 
 
 def _resolve_capabilities(plan: RunPlan, backend: Any) -> None:
@@ -203,7 +291,8 @@ def _resolve_capabilities(plan: RunPlan, backend: Any) -> None:
         plan.record(plan.change("tf32", False, why, backend.name))
     att = backend.attention()
     packages = backend.machine.packages
-    usable = [i for i in att.implementations if all(p in packages for p in i.packages)]
+    usable = [i for i in att.implementations if all(p in packages for p in i.packages)
+              and not (i.varlen and "packing" in plan.without)]
     if not usable:
         raise ConfigError(f"backend {backend.name} lists no attention implementation whose packages are installed")
     if plan.attn_implementation != usable[0].name:
@@ -212,6 +301,7 @@ def _resolve_capabilities(plan: RunPlan, backend: Any) -> None:
                if missing else f"backend {backend.name} prefers {usable[0].name}")
         plan.record(plan.change("attn_implementation", usable[0].name, why, backend.name))
     plan.packed = usable[0].varlen
+    _resolve_kernels(plan, backend)
     for key, value in usable[0].env.items():
         if plan.env.get(key) != value:
             plan.adjustments.append(Adjustment(f"env {key}", plan.env.get(key), value,

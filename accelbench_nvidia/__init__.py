@@ -6,7 +6,7 @@ import subprocess
 from typing import Any
 
 from accelbench.capabilities import (AttentionCapability, AttentionImpl, Availability, BackendSpec, DeviceInfo,
-                                     PeakFlops, PrecisionCapability)
+                                     KernelCapability, KernelSet, PeakFlops, PrecisionCapability)
 from accelbench.hookspecs import hookimpl
 from accelbench.machine import MachineFacts
 from accelbench.monitor import query_smi
@@ -109,6 +109,17 @@ def accelbench_attention(backend: str, machine: MachineFacts) -> AttentionCapabi
         impls.insert(0, AttentionImpl("sdpa", varlen=True, packages=(TORCH_VARLEN,)))
         impls.insert(0, AttentionImpl("flash_attention_2", varlen=True, packages=("flash_attn",)))
     return AttentionCapability(tuple(impls))
+
+
+@hookimpl
+def accelbench_kernels(backend: str, machine: MachineFacts) -> KernelCapability | None:
+    if backend != NAME:
+        return None
+    if _min_capability(machine) < (8, 0):  # Liger's Triton kernels are tested on Ampere and newer
+        return KernelCapability()
+    return KernelCapability((KernelSet("liger", packages=("liger_kernel", "triton"),
+                                       description="Liger's fused Triton RMSNorm, SwiGLU and rotary kernels: "
+                                                   "fewer kernel launches and smaller saved activations"),))
 
 
 @hookimpl

@@ -46,6 +46,7 @@ class Settings:
     seed: int = 0
     data: str | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
+    accelbench_args: tuple[str, ...] = ()  # e.g. ("--without", "packing") for an ablation run
 
 
 @dataclass
@@ -84,8 +85,8 @@ def _run(cmd: list[str], env: dict[str, str], log: Path, timeout: float) -> floa
     return wall
 
 
-def run_accelbench(s: Settings, out: Path, repeat: int, timeout: float = 1800) -> RunResult:
-    out = out / f"accelbench-{repeat}"
+def run_accelbench(s: Settings, out: Path, repeat: int, timeout: float = 1800, label: str = ACCELBENCH) -> RunResult:
+    out = out / f"{label.replace(' ', '_').replace('-', '')}-{repeat}"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     cmd = [sys.executable, "-m", "accelbench.cli", "run", "--case", s.case, "--stages", s.stage,
@@ -95,10 +96,14 @@ def run_accelbench(s: Settings, out: Path, repeat: int, timeout: float = 1800) -
         cmd += ["--mbs", str(s.mbs)]
     if s.data:
         cmd += ["--data", s.data]
+    cmd += list(s.accelbench_args)
     wall = _run(cmd, child_env(s), out / "log.txt", timeout)
     summary = json.loads((out / "run" / s.stage / "summary.json").read_text())
     summary["_events"] = str(out / "run" / "events.jsonl")
-    return RunResult(ACCELBENCH, repeat, summary, wall)
+    plan = json.loads((out / "run" / "result.json").read_text())["stages"][s.stage]["plan"]
+    summary["_plan"] = {k: plan.get(k) for k in ("LBS", "attn_implementation", "packed", "kernels", "loss",
+                                                  "recompute_layers", "micro_batch_tokens", "without")}
+    return RunResult(label, repeat, summary, wall)
 
 
 def run_peer(s: Settings, out: Path, repeat: int, timeout: float = 1800, torchrun: bool | None = None) -> RunResult:
@@ -121,6 +126,18 @@ def run_peer(s: Settings, out: Path, repeat: int, timeout: float = 1800, torchru
     return RunResult(PEER, repeat, summary, wall)
 
 
+def attempt(path: str, repeat: int, run: Any) -> RunResult:
+    """``run()``, or a result that records the failure (e.g. the peer out of memory) so the other rows print."""
+    t0 = time.perf_counter()
+    try:
+        return run()
+    except (RuntimeError, subprocess.TimeoutExpired) as exc:
+        lines = [ln for ln in str(exc).splitlines() if ln.strip()]
+        oom = next((ln for ln in lines if "out of memory" in ln.lower()), None)
+        return RunResult(path, repeat, {"error": (oom or (lines[-1] if lines else repr(exc)))[:300]},
+                         time.perf_counter() - t0)
+
+
 def run_interleaved(s: Settings, out: Path, repeats: int, *, peer_torchrun: bool | None = None,
                     quiet: bool = False) -> list[RunResult]:
     """A/B, B/A, A/B, ...: the path that runs first alternates every repeat."""
@@ -128,11 +145,15 @@ def run_interleaved(s: Settings, out: Path, repeats: int, *, peer_torchrun: bool
     for r in range(repeats):
         order = ("accelbench", "peer") if r % 2 == 0 else ("peer", "accelbench")
         for which in order:
-            res = run_accelbench(s, out, r) if which == "accelbench" else run_peer(s, out, r, torchrun=peer_torchrun)
+            if which == "accelbench":
+                res = attempt(ACCELBENCH, r, lambda: run_accelbench(s, out, r))
+            else:
+                res = attempt(PEER, r, lambda: run_peer(s, out, r, torchrun=peer_torchrun))
             results.append(res)
             if not quiet:
-                print(f"  repeat {r + 1}/{repeats} {res.path:>10}: {res.tps:8.1f} tok/s/proc, "
-                      f"loss {res.loss:.4f}, wall {res.wall_s:.1f}s", flush=True)
+                what = (f"FAILED: {res.summary['error']}" if "error" in res.summary else
+                        f"{res.tps:8.1f} tok/s/proc, loss {res.loss:.4f}")
+                print(f"  repeat {r + 1}/{repeats} {res.path:>10}: {what}, wall {res.wall_s:.1f}s", flush=True)
     return results
 
 
@@ -177,11 +198,14 @@ def print_table(results: Sequence[RunResult], s: Settings, columns: Sequence[tup
         return "n/a" if value is None else format(value, spec)
 
     for r in results:
+        if "error" in r.summary:
+            lines.append(f"| {r.repeat + 1} | {r.path} | failed: {r.summary['error']} |")
+            continue
         cells = [str(r.repeat + 1), r.path, *[fmt(r.summary.get(k), f) for _, k, f in columns], f"{r.wall_s:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     for path in (ACCELBENCH, PEER):
         cells = ["median", path, *[fmt(median_of(results, path, k), f) for _, k, f in columns],
-                 fmt(statistics.median([r.wall_s for r in results if r.path == path]), ".1f")]
+                 fmt(statistics.median([r.wall_s for r in results if r.path == path] or [0.0]), ".1f")]
         lines.append("| " + " | ".join(cells) + " |")
     ratio_cells = []
     for _, k, _f in columns:

@@ -42,6 +42,21 @@ def environment(backend: Any) -> dict[str, Any]:
     }
 
 
+def optimizations(plans: dict[str, Any]) -> list[str]:
+    """The speed-relevant choices of the plans, one line each (the report's optimisation strategy)."""
+    out = {f"attention: {p.attn_implementation}" for p in plans.values()}
+    out |= {f"dtype: {p.dtype}" for p in plans.values()}
+    out |= {"no padding: packed micro-batches, varlen attention" for p in plans.values() if p.packed}
+    out |= {f"fused kernels: {p.kernels}" for p in plans.values() if p.kernels != "hf"}
+    out |= {"loss: logits at target positions only, chunked" if p.loss == "objective"
+            else "loss: transformers' (fp32 logits at every position)" for p in plans.values()}
+    for stage, p in plans.items():
+        if p.grad_ckpt:
+            out.add(f"gradient checkpointing ({stage}): {p.recompute_layers} of {p.preset.llm.layers} "
+                    f"decoder layers replayed")
+    return sorted(out)
+
+
 def new_result(*, run_dir: Path, backend: Any, case: str, plans: dict[str, Any], random_weights: bool,
                weights: dict[str, Any], data: dict[str, Any], nnodes: int, nproc_per_node: int) -> dict[str, Any]:
     stages = {}
@@ -71,12 +86,7 @@ def new_result(*, run_dir: Path, backend: Any, case: str, plans: dict[str, Any],
             "details": {s: f"ZeRO-{p.zero_stage}" for s, p in plans.items()},
             "nnodes": nnodes, "nproc_per_node": nproc_per_node, "world_size": nnodes * nproc_per_node,
         },
-        "optimizations": sorted({f"attention: {p.attn_implementation}" for p in plans.values()}
-                                | {"gradient checkpointing" for p in plans.values() if p.grad_ckpt}
-                                | {"no padding: packed micro-batches, varlen attention" for p in plans.values()
-                                   if p.packed}
-                                | {"loss: logits at target positions only, chunked"}
-                                | {f"dtype: {p.dtype}" for p in plans.values()}),
+        "optimizations": optimizations(plans),
         "adjustments": adjustments,
         "stages": stages,
         "mmmu": None,

@@ -288,11 +288,13 @@ def _image_problem(image_folder: str | os.PathLike[str], rel_path: str) -> tuple
 def validate_records(records: Sequence[dict], image_folder: str | os.PathLike[str], *, tokenizer: Any,
                      model_max_length: int, template: Template = "vicuna_v1",
                      policy: Literal["skip", "fail"] = "skip", max_bad_fraction: float = 0.01,
-                     check_images: bool = True, workers: int = 8) -> tuple[list[dict], BadRecords]:
+                     check_images: bool = True, workers: int = 8,
+                     text_tokens: list[int] | None = None) -> tuple[list[dict], BadRecords]:
     """Drop (or fail on) unusable records; returns the kept records and what was dropped.
 
     ``template`` decides the text counted against ``model_max_length`` (image tokens are
-    not counted: ``too_long`` means the text alone cannot fit).
+    not counted: ``too_long`` means the text alone cannot fit).  ``text_tokens``, when given, is
+    filled with each kept record's text token count (the planner sizes packed micro-batches by it).
     """
     if policy not in ("skip", "fail"):
         raise ValueError(f"policy must be 'skip' or 'fail', not {policy!r}")
@@ -319,7 +321,8 @@ def validate_records(records: Sequence[dict], image_folder: str | os.PathLike[st
     # Text length first (cheap, batched), then images only for records still in the running.
     candidates = [i for i, p in enumerate(problems) if p is None]
     counts = text_token_counts([build_pieces(records[i], template) for i in candidates], tokenizer)
-    for index, count in zip(candidates, counts):
+    count_of = dict(zip(candidates, counts))
+    for index, count in count_of.items():
         if count > model_max_length:
             problems[index] = ("too_long", f"{count} text tokens > model_max_length {model_max_length}")
     if check_images:
@@ -333,6 +336,8 @@ def validate_records(records: Sequence[dict], image_folder: str | os.PathLike[st
             fail_or_add(index, problem)
 
     kept = [r for r, p in zip(records, problems) if p is None]
+    if text_tokens is not None:
+        text_tokens[:] = [count_of[i] for i, p in enumerate(problems) if p is None]
     if bad.total and bad.fraction > max_bad_fraction:
         raise DataError(
             f"{bad.bad} of {bad.total} records ({bad.fraction:.1%}) are bad: {bad.summary()}; "

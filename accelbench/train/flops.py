@@ -142,8 +142,8 @@ def _terms(preset: ModelPreset, seq_lens: Sequence[int], n_images: int, stage: s
     }
 
 
-def _llm_recompute(preset: ModelPreset, seq_lens: Sequence[int], early_stop: bool) -> int:
-    """Gradient checkpointing re-runs each decoder layer's forward before its backward.
+def _llm_recompute(preset: ModelPreset, seq_lens: Sequence[int], early_stop: bool, layers: int) -> int:
+    """Gradient checkpointing re-runs each checkpointed decoder layer's forward before its backward.
 
     torch's non-reentrant checkpoint (transformers' default, ``use_reentrant=False``) stops the
     replay as soon as every tensor saved for backward is regenerated: the layer's last matmul
@@ -153,7 +153,7 @@ def _llm_recompute(preset: ModelPreset, seq_lens: Sequence[int], early_stop: boo
     t = preset.llm
     full = _llm_dense_fwd(preset, sum(seq_lens)) + _llm_attention_fwd(preset, seq_lens)
     skipped = 2 * t.layers * t.hidden * t.intermediate * sum(seq_lens) if early_stop else 0
-    return full - skipped
+    return (full - skipped) * layers // t.layers
 
 
 def _vision_grad_path(preset: ModelPreset, n_images: int, grad_ckpt: bool, early_stop: bool) -> tuple[int, int]:
@@ -192,6 +192,7 @@ def step_flops(
     frozen_vision_backward: bool | None = None,
     recompute_early_stop: bool = True,
     lm_head_tokens: int | None = None,
+    recompute_layers: int | None = None,
 ) -> FlopBreakdown:
     """FLOPs of forward + backward over the given sequences.
 
@@ -206,6 +207,7 @@ def step_flops(
     ``lm_head_tokens``: positions whose logits are computed, when the objective computes them only
     at target positions (accelbench's ``objective.selected_cross_entropy``, which also recomputes
     them once in backward); None means every position, as transformers' own loss does.
+    ``recompute_layers``: decoder layers replayed under ``grad_ckpt`` (None: all of them).
     Pass one micro-batch for per-micro-batch FLOPs, or all sequences of a step for per-step.
     """
     if stage not in STAGES:
@@ -228,7 +230,8 @@ def step_flops(
 
     hw_lens = [padded_len] * len(lens) if padded_len is not None else lens
     hw_terms = sum(_terms(preset, hw_lens, n_images, stage, lm_head_tokens).values())
-    recompute = _llm_recompute(preset, hw_lens, recompute_early_stop) if grad_ckpt else 0
+    replayed = preset.llm.layers if recompute_layers is None else recompute_layers
+    recompute = _llm_recompute(preset, hw_lens, recompute_early_stop, replayed) if grad_ckpt else 0
     if lm_head_tokens is not None:
         recompute += _lm_head_fwd(preset, lm_head_tokens)  # chunked logits are recomputed in backward
     vision_bwd = vision_recompute = 0

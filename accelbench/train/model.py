@@ -139,15 +139,21 @@ def freeze_for_stage(model: Any, stage: str) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def enable_checkpointing(model: Any, every_n_layers: int = 1) -> None:
-    """Activation checkpointing across transformers 5.x versions (newer: activation_checkpointing_enable)."""
+def enable_checkpointing(model: Any, llm_layers: int | None = None) -> None:
+    """Activation checkpointing (non-reentrant) for the vision tower and the first ``llm_layers`` decoder
+    layers (None: all); the later decoder layers keep their activations and are not replayed.
+
+    The first layers are the ones checkpointed: the last layers' backward runs first, while memory is
+    at its peak, and needs no replay working set there.
+    """
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, every_n_layers=every_n_layers)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
-        if every_n_layers != 1:
-            raise ConfigError("checkpointing every n layers needs transformers with activation_checkpointing_enable")
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if llm_layers is not None:
+        for index, layer in enumerate(model.model.language_model.layers):
+            layer.gradient_checkpointing = index < llm_layers
     # frozen embeddings still need grads to flow into checkpointed layers (projector training in pretrain)
     model.enable_input_require_grads()
 

@@ -38,11 +38,17 @@ def selected_cross_entropy(lm_head: torch.nn.Module, hidden: torch.Tensor, label
 
 
 class LlavaObjective(torch.nn.Module):
-    """Wraps LlavaForConditionalGeneration so ``engine(**batch)`` returns the loss directly."""
+    """Wraps LlavaForConditionalGeneration so ``engine(**batch)`` returns the loss directly.
 
-    def __init__(self, llava: Any):
+    ``loss``: "objective" (logits at target positions only, chunked) or "hf" (transformers' own loss:
+    fp32 logits at every position; the ablation baseline and what the HF Trainer runs).
+    """
+
+    def __init__(self, llava: Any, loss: str = "objective"):
         super().__init__()
-        self.llava = llava
+        if loss not in ("objective", "hf"):
+            raise ValueError(f"loss must be 'objective' or 'hf', got {loss!r}")
+        self.llava, self.loss = llava, loss
 
     @property
     def config(self) -> Any:
@@ -51,6 +57,9 @@ class LlavaObjective(torch.nn.Module):
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, pixel_values: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 **attention_kwargs: Any) -> torch.Tensor:
+        if self.loss == "hf":
+            return self.llava(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
+                              position_ids=position_ids, labels=labels, use_cache=False, **attention_kwargs).loss
         out = self.llava.model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
                                position_ids=position_ids, use_cache=False, **attention_kwargs)
         return selected_cross_entropy(self.llava.lm_head, out.last_hidden_state, labels)

@@ -44,6 +44,8 @@ class RunOptions:
     save_every: int | None = None
     hang_timeout: float | None = None  # None: DEFAULT_HANG_TIMEOUT (a resume keeps its run's); 0: no watchdog
     resume: str | None = None  # a run directory to continue
+    recompute: str = "auto"  # decoder layers replayed: auto (memory model), all, or a number
+    without: list[str] = field(default_factory=list)  # levers turned off, for ablations (plan.LEVERS)
 
 
 def cache_dir() -> Path:
@@ -55,7 +57,7 @@ def cache_dir() -> Path:
 def validate(opts: RunOptions) -> None:
     """Refuse impossible options before any heavy import (no torch, no transformers)."""
     from ..cases import get_preset
-    from ..plan import check_positive, parse_mbs
+    from ..plan import LEVERS, check_positive, parse_mbs, parse_recompute
 
     if opts.save_every is not None:
         check_positive("--save-every", opts.save_every, "give a number of optimizer steps, 1 or more")
@@ -74,6 +76,10 @@ def validate(opts: RunOptions) -> None:
     if opts.steps is not None and opts.steps < 1:
         raise ConfigError(f"--steps {opts.steps} is impossible: give 1 or more optimizer steps")
     parse_mbs(opts.mbs)
+    parse_recompute(opts.recompute, preset.llm.layers)
+    unknown = sorted(set(opts.without) - set(LEVERS))
+    if unknown:
+        raise ConfigError(f"--without {','.join(unknown)}: unknown lever; choose from {', '.join(LEVERS)}")
     check_positive("--gas", opts.gas, "give 1 or more gradient-accumulation steps")
     if not isinstance(opts.seq, int) or not preset.vision.image_tokens < opts.seq <= preset.llm.max_position:
         raise ConfigError(f"--seq {opts.seq} is impossible for {opts.case}: give "
@@ -174,7 +180,8 @@ def run(opts: RunOptions) -> dict[str, Any]:
     for stage in opts.stages:
         mbs = opts.mbs if opts.mbs is not None else (TINY_MBS[stage] if opts.case == "tiny" else None)
         plans[stage] = build_plan(backend, case=opts.case, stage=stage, nproc=world, micro_batch=mbs,
-                                  grad_accum=opts.gas, seq_len=opts.seq, zero_stage=opts.zero_stage, lr=opts.lr)
+                                  grad_accum=opts.gas, seq_len=opts.seq, zero_stage=opts.zero_stage, lr=opts.lr,
+                                  recompute=opts.recompute, without=opts.without)
     data = prepare_data(opts, preset.vision.image_size, preset.llm.vocab if opts.case == "tiny" else 1024)
     run_dir = Path(opts.out) if opts.out else default_run_dir(opts.case)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -194,6 +201,7 @@ def run(opts: RunOptions) -> dict[str, Any]:
         threads_per_rank=max(1, (os.cpu_count() or 1) // opts.launch.nproc_per_node)
         if backend.device_info().torch_device_type == "cpu" else None,
         save_every=opts.save_every,
+        loader_workers=0 if "loader-workers" in opts.without else None,
         hang_timeout=(DEFAULT_HANG_TIMEOUT if opts.hang_timeout is None else opts.hang_timeout) or None,
     )
     result = new_result(run_dir=run_dir, backend=backend, case=opts.case, plans=plans,
@@ -203,7 +211,7 @@ def run(opts: RunOptions) -> dict[str, Any]:
     if is_rank0_node:
         cfg.save(run_dir / "run_config.json")
         write_result(run_dir, result)
-    return execute(cfg, backend, result, opts.launch)
+    return execute(cfg, backend, result, opts.launch, plans)
 
 
 def resume(opts: RunOptions) -> dict[str, Any]:
@@ -235,9 +243,13 @@ def resume(opts: RunOptions) -> dict[str, Any]:
     return execute(cfg, backend, result, spec)
 
 
-def execute(cfg: Any, backend: Any, result: dict[str, Any], spec: LaunchSpec) -> dict[str, Any]:
+def execute(cfg: Any, backend: Any, result: dict[str, Any], spec: LaunchSpec,
+            plans: dict[str, Any] | None = None) -> dict[str, Any]:
     """Check the data, launch (again after an out-of-memory back-off), evaluate; on any failure leave
-    result.json with status "failed" and the reason, events.jsonl as measured, and one clear line."""
+    result.json with status "failed" and the reason, events.jsonl as measured, and one clear line.
+
+    ``plans`` (a fresh run's RunPlans) are refined with what the data check learns: the tokens in the
+    largest packed micro-batch decide how many decoder layers must be replayed."""
     from ..atomic import write_text_atomic
     from ..report.markdown import render_markdown
     from ..report.result import write_result
@@ -251,6 +263,10 @@ def execute(cfg: Any, backend: Any, result: dict[str, Any], spec: LaunchSpec) ->
         os.environ.update(plan["env"])  # every rank inherits the backend's environment
     try:
         checked = check_data(cfg)  # before any rank starts: bad data never waits for a model build
+        if plans:
+            _fit_to_data(cfg, plans, checked, backend, result)
+            if is_rank0_node:
+                cfg.save(run_dir / "run_config.json")
         if is_rank0_node:
             for stage, info in checked.items():
                 result["stages"][stage]["data"] = info
@@ -284,6 +300,24 @@ def execute(cfg: Any, backend: Any, result: dict[str, Any], spec: LaunchSpec) ->
     write_result(run_dir, result)
     write_text_atomic(run_dir / "report.md", render_markdown(result))
     return result
+
+
+def _fit_to_data(cfg: Any, plans: dict[str, Any], checked: dict[str, Any], backend: Any,
+                 result: dict[str, Any]) -> None:
+    """Re-plan recompute for packed stages at the data's largest micro-batch (not LBS × MPE)."""
+    from ..plan import fit_recompute
+    from ..report.result import optimizations
+
+    for stage, plan in plans.items():
+        if not plan.packed or stage not in checked:
+            continue
+        fit_recompute(plan, backend, micro_batch_tokens=checked[stage]["max_micro_batch_tokens"])
+        cfg.plans[stage] = plan.to_dict()
+        if result:
+            result["stages"][stage]["plan"] = plan.to_dict()
+    if result:  # nothing else has been added to the adjustments before the launch
+        result["adjustments"] = [a.to_dict() | {"stage": s} for s, p in plans.items() for a in p.adjustments]
+        result["optimizations"] = optimizations(plans)
 
 
 def _launch_with_backoff(cfg: Any, spec: LaunchSpec, result: dict[str, Any]) -> dict[int, Any]:

@@ -75,8 +75,10 @@ class StageRunner:
     def build_engine(self, ds_config: dict[str, Any]) -> tuple[Any, Any]:
         import deepspeed
 
+        from .kernels import apply_kernels
         from .model import WeightPaths, build_model, enable_checkpointing, freeze_for_stage, load_projector
 
+        apply_kernels(self.plan.get("kernels", "hf"))  # replaces module classes: before the build
         w = self.cfg.weights
         weights = WeightPaths(w.get("llm"), w.get("vision_tower"), None)
         zero3 = ds_config if self.plan["zero_stage"] == 3 else None
@@ -92,10 +94,11 @@ class StageRunner:
         self.trainer_adjustments = [a.to_dict() for a in getattr(model, "_accelbench_adjustments", [])]
         trainable = freeze_for_stage(model, self.stage)
         if self.plan["gradient_checkpointing"]:
-            enable_checkpointing(model)
+            enable_checkpointing(model, self.plan.get("recompute_layers"))
         optimizer = torch.optim.AdamW(trainable, lr=self.plan["lr"], betas=(0.9, 0.999), weight_decay=0.0)
         scheduler = cosine_with_warmup(optimizer, self.cfg.steps[self.stage])
-        engine, _, _, _ = deepspeed.initialize(model=LlavaObjective(model), optimizer=optimizer,
+        engine, _, _, _ = deepspeed.initialize(model=LlavaObjective(model, self.plan.get("loss", "objective")),
+                                               optimizer=optimizer,
                                                lr_scheduler=scheduler, config=ds_config)
         return engine, model
 
@@ -204,8 +207,10 @@ class StageRunner:
                     n_img = 0 if batch["pixel_values"] is None else int(batch["pixel_values"].shape[0])
                     fl = step_flops(self.preset, batch["seq_lens"], n_img, self.stage,
                                     grad_ckpt=p["gradient_checkpointing"],
+                                    recompute_layers=p.get("recompute_layers"),
                                     padded_len=None if p.get("packed") else int(batch["input_ids"].shape[1]),
-                                    lm_head_tokens=target_tokens(batch["labels"]))
+                                    lm_head_tokens=target_tokens(batch["labels"])
+                                    if p.get("loss", "objective") == "objective" else None)
                     mflops += fl.model_flops
                     hflops += fl.hardware_flops
                     real += batch["real_tokens"]

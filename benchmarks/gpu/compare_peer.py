@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 import tempfile
 from pathlib import Path
 from typing import Sequence
@@ -53,6 +54,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", help="LLaVA-format data folder (default: accelbench's synthetic set)")
     p.add_argument("--out", help="folder for data, logs and summaries (default: a temporary folder)")
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--ablate", default="", metavar="LEVER[,LEVER]",
+                   help="after the pair, one accelbench run per lever with `--without LEVER` (accelbench.plan.LEVERS)")
+    p.add_argument("--no-peer", action="store_true", help="accelbench (and its ablations) only")
+    p.add_argument("--without", default="", metavar="LEVER[,LEVER]",
+                   help="levers the main accelbench run goes without (e.g. fused-kernels where Liger is unusable)")
     a = p.parse_args(argv)
     if a.fixed_len and a.data:
         p.error("--fixed-len builds its own data folder: drop --data")
@@ -92,18 +98,50 @@ def main(argv: Sequence[str] | None = None) -> int:
         data = str(make_fixed_len_data(out / f"data-fixed{a.fixed_len}-{a.case}", case=a.case, length=a.fixed_len,
                                        seed=a.seed))
     s = cc.Settings(case=a.case, stage=a.stage, steps=a.steps, mbs=a.mbs, gas=a.gas, seq=a.seq, nproc=a.nproc,
-                    seed=a.seed, data=data)
+                    seed=a.seed, data=data, accelbench_args=("--without", a.without) if a.without else ())
     print(f"{a.case} {a.stage}: {a.nproc} GPU(s), mbs {a.mbs or 'default'}, gas {a.gas}, {a.steps} steps x "
           f"{a.repeats} repeat(s), {'fixed ' + str(a.fixed_len) + ' tokens' if a.fixed_len else 'variable lengths'}; "
           f"logs in {out}", flush=True)
-    results = cc.run_interleaved(s, out, a.repeats, peer_torchrun=True)
-    add_utilisation(results, a.peak_tflops * 1e12)
+    if a.no_peer:
+        results = [cc.attempt(cc.ACCELBENCH, 0, lambda: cc.run_accelbench(s, out, 0))]
+    else:
+        results = cc.run_interleaved(s, out, a.repeats, peer_torchrun=True)
+    ablations = [ablate(s, out, a.without, lever) for lever in a.ablate.split(",")
+                 if lever and lever not in a.without.split(",")]
+    add_utilisation(results + ablations, a.peak_tflops * 1e12)
     print(f"\nMFU/HFU: accelbench's analytic FLOPs per GPU-second / {a.peak_tflops} TFLOP/s; "
           f"steady steps {results[0].summary.get('steady_steps')} of {a.steps}")
-    cc.print_table(results, s, GPU_COLUMNS)
+    for r in results + ablations:
+        if r.summary.get("_plan"):
+            print(f"  {r.path}: plan {r.summary['_plan']}")
+    if not a.no_peer:
+        cc.print_table(results, s, GPU_COLUMNS)
+    if ablations:
+        print_ablation(results[0], ablations)
     if a.json:
-        cc.write_results_json(a.json, results)
+        cc.write_results_json(a.json, results + ablations)
     return 0
+
+
+def ablate(s: cc.Settings, out: Path, without: str, lever: str) -> cc.RunResult:
+    label = f"accelbench --without {lever}"
+    settings = replace(s, accelbench_args=("--without", ",".join(filter(None, (without, lever)))))
+    result = cc.attempt(label, 0, lambda: cc.run_accelbench(settings, out, 0, label=label))
+    print(f"  {label}: {result.summary.get('error') or format(result.tps, '.1f') + ' tok/s/proc'}", flush=True)
+    return result
+
+
+def print_ablation(full: cc.RunResult, ablations: Sequence[cc.RunResult]) -> None:
+    """One row per lever turned off: what accelbench loses without it (full / without, tokens/s)."""
+    head = ["run", *[c[0] for c in GPU_COLUMNS], "full / this (tokens/s)"]
+    print("\n| " + " | ".join(head) + " |\n|" + "|".join(" --- " for _ in head) + "|")
+    for r in [full, *ablations]:
+        if "error" in r.summary or "error" in full.summary:
+            print(f"| {r.path} | failed: {r.summary.get('error') or full.summary.get('error')} |")
+            continue
+        cells = [r.path, *["n/a" if r.summary.get(k) is None else format(r.summary[k], f) for _, k, f in GPU_COLUMNS],
+                 f"{full.tps / r.tps:.3f}"]
+        print("| " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

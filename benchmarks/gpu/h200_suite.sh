@@ -1,13 +1,19 @@
 #!/usr/bin/env bash
-# The measurements recorded in docs/gpu-h200.md, run through the device tool on nvidia-h200-x2:
-#   bash benchmarks/gpu/h200_suite.sh PHASE...   (phases: info varlen run7b run13b mem7b mem13b peer13b)
-# Everything lands in $OUT (logs, result.json copies, memory_check.jsonl).
+# The measurements recorded in docs/gpu-h200.md and docs/performance.md, run through the device tool:
+#   bash benchmarks/gpu/h200_suite.sh PHASE...
+# phases: info varlen liger run7b run13b mem7b mem13b auto7b
+#         peer-CASE-STAGE (e.g. peer-13b-pretrain, peer-13b-finetune, peer-7b-finetune) and
+#         fixed-CASE-STAGE (every sample 1024 tokens, 576 of them image tokens)
+# ABLATE=lever,lever adds one accelbench run per lever without it (peer-/fixed- phases); STEPS (default 10).
+# Everything lands in $OUT (logs, result.json copies, the comparison JSON).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 bash benchmarks/gpu/setup_device.sh || exit 1
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1
 export ACCELBENCH_CACHE=/tmp/abcache
 NPROC=$(nvidia-smi -L | wc -l)
+STEPS=${STEPS:-10}
+WITHOUT=${WITHOUT:-}  # set by the liger phase when the fused kernels are unusable here
 keep() { mkdir -p "$OUT/$2"; cp "$1"/result.json "$1"/report.md "$1"/events.jsonl "$OUT/$2/" 2>/dev/null; }
 for phase in "$@"; do
   echo "=== $phase ($(date +%T))"
@@ -17,19 +23,25 @@ for phase in "$@"; do
       python3 -m accelbench info | tee "$OUT/info.txt"
       python3 -m accelbench info --json > "$OUT/info.json"
       nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$OUT/info.txt" ;;
-    run7b)
-      timeout 420 python3 -m accelbench run --case llava1.5-7b --nproc-per-node "$NPROC" --steps 12 --no-eval --out /tmp/r7b \
-        2>&1 | grep -v "INFO" | tail -40; keep /tmp/r7b run7b ;;
-    run13b)
-      timeout 500 python3 -m accelbench run --case llava1.5-13b --nproc-per-node "$NPROC" --steps 12 --no-eval --out /tmp/r13b \
-        2>&1 | grep -v "INFO" | tail -40; keep /tmp/r13b run13b ;;
+    liger)
+      timeout 120 python3 benchmarks/gpu/check_liger.py 2>&1 | grep -v Warning | tail -3 | tee "$OUT/liger.txt"
+      grep -q "speed-up" "$OUT/liger.txt" || WITHOUT=fused-kernels ;;
+    run7b|run13b)
+      timeout 500 python3 -m accelbench run --case "llava1.5-${phase#run}" --nproc-per-node "$NPROC" --steps 12 \
+        --no-eval --out "/tmp/$phase" ${WITHOUT:+--without $WITHOUT} 2>&1 | grep -v "INFO" | tail -40
+      keep "/tmp/$phase" "$phase" ;;
+    auto7b)  # the memory issue: the --mbs auto choice must run without running out of memory
+      timeout 330 python3 -m accelbench run --case llava1.5-7b --stages finetune --mbs auto --nproc-per-node "$NPROC" \
+        --steps 4 --no-eval --out /tmp/auto7b ${WITHOUT:+--without $WITHOUT} 2>&1 | grep -v "INFO" | tail -12
+      keep /tmp/auto7b auto7b ;;
     varlen)
       python3 benchmarks/gpu/check_varlen.py 2>&1 | tail -3 ;;
-    peer13b)
-      for stage in finetune pretrain; do
-        timeout 280 python3 benchmarks/gpu/compare_peer.py --case llava1.5-13b --stage "$stage" --steps 10 \
-          --nproc "$NPROC" --out "/tmp/peer13b-$stage" --json "$OUT/peer13b-$stage.json" 2>&1 | grep -v INFO | tail -14
-      done ;;
+    peer-*|fixed-*)
+      IFS=- read -r kind size stage <<< "$phase"
+      fixed=(); [ "$kind" = fixed ] && fixed=(--fixed-len 1024)
+      timeout "${PHASE_TIMEOUT:-400}" python3 benchmarks/gpu/compare_peer.py --case "llava1.5-$size" --stage "$stage" \
+        --steps "$STEPS" --nproc "$NPROC" "${fixed[@]}" --out "/tmp/$phase" --json "$OUT/$phase.json" \
+        ${WITHOUT:+--without $WITHOUT} ${ABLATE:+--ablate $ABLATE} 2>&1 | grep -v INFO | tail -24 ;;
     mem7b|mem13b)
       case=llava1.5-${phase#mem}
       if [ "$phase" = mem7b ]; then fmbs="8 16"; else fmbs="4 8"; fi
