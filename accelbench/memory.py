@@ -291,7 +291,9 @@ def _backward_terms(inp: MemoryPlanInput, zero: dict[str, Any]) -> dict[str, int
 
     # Layer backward: (recomputed) saved tensors + grads in flight inside the MLP backward
     # (d(act·up), d(act), d(up) or d(gate): 3 i-wide; incoming and residual grads: 2 h-wide).
-    layer_ws = (saved_layer if ckpt else 0) + tokens * (3 * t.intermediate + 2 * t.hidden) * b
+    # With every layer checkpointed the last layer is replayed at the peak; with only the first k
+    # (enable_checkpointing), the replays come after the kept layers' activations are freed.
+    layer_ws = (saved_layer if ckpt == t.layers else 0) + tokens * (3 * t.intermediate + 2 * t.hidden) * b
     layer_ws += _scores_bytes(inp)  # eager: grads of the probabilities (fp32 + bf16)
     # Loss, at log_softmax's backward: fp32 log-softmax output (saved) + fp32 grad of that output
     # (nll_loss backward is dense) + fp32 grad of the logits.  The bf16 logits are gone: the

@@ -266,6 +266,10 @@ def fit_recompute(plan: RunPlan, backend: Any, micro_batch_tokens: int | None = 
     plan.memory = estimate(plan).to_dict()
     plan.memory["calibration"] = calibration
     plan.memory["calibrated_total"] = plan.memory["total"] * calibration
+    if plan.usable_memory and plan.memory["calibrated_total"] * 2**30 > plan.usable_memory:
+        plan.notes.append(f"the estimate ({plan.memory['calibrated_total']:.1f} GiB) exceeds the "
+                          f"{plan.usable_memory / 2**30:.1f} GiB usable: expect out-of-memory (use --mbs auto, "
+                          f"--recompute auto or more processes)")
 
 
 def _resolve_kernels(plan: RunPlan, backend: Any) -> None:

@@ -1,0 +1,548 @@
+"""Selective recompute, fused-kernel memory, the data's micro-batch token bound and the `--without` levers.
+
+Memory and FLOPs values are computed by hand from the documented formulas; the planner is exercised on
+described machines (no GPU needed); the model part runs the tiny LLaVA on CPU in fp32.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import replace
+from types import SimpleNamespace
+
+import pytest
+
+from accelbench.backends import load_registry
+from accelbench.cases import PRESETS
+from accelbench.errors import ConfigError
+from accelbench.machine import describe_machine
+from accelbench.memory import (
+    GiB,
+    MemoryPlanInput,
+    estimate_memory,
+    fit_recompute as fit_recompute_memory,
+    layer_saved_bytes_per_token,
+)
+from accelbench.plan import LEVERS, build_plan, fit_recompute, memory_input, parse_recompute
+from accelbench.train.datacheck import micro_batch_token_bound
+from accelbench.train.flops import llm_layer_matmul_params, step_flops
+
+TINY = PRESETS["tiny"]
+P7 = PRESETS["llava1.5-7b"]  # h 4096, i 11008, 32 layers, 32 heads, kv 32·128 = 4096
+P13 = PRESETS["llava1.5-13b"]  # h 5120, i 13824, 40 layers, 40 heads
+
+
+# =============================================================================================
+# memory model
+# =============================================================================================
+
+def _inp7(stage: str = "pretrain", **kw) -> MemoryPlanInput:
+    base = dict(preset=P7, stage=stage, zero_stage=2 if stage == "pretrain" else 3, dp_size=2, micro_batch=4,
+                seq_len=2048, attn_impl="sdpa", fragmentation=0.0, framework_bytes=0)
+    return MemoryPlanInput(**{**base, **kw})
+
+
+# h=4096, i=11008, kv=4096, heads=32, bf16 (2 bytes), fp32 (4 bytes); with sdpa an fp32 logsumexp of 32 heads.
+_ATTN7 = (4096 + 4096 + 4096 + 4096) * 2  # q, k, v, attention output: 32768
+_LSE7 = 4 * 32  # 128
+SAVED_7B = {
+    # hf finetune: 2 norms × (fp32 in 4h + bf16 cast 2h + bf16 normed 2h), attention, MLP gate/act/up/act·up (4i)
+    ("hf", "finetune"): 2 * (4 * 4096 + 2 * 4096 + 2 * 4096) + _ATTN7 + 4 * 11008 * 2 + _LSE7,
+    # hf pretrain: norms keep their fp32 input only, MLP gate/act/up (3i)
+    ("hf", "pretrain"): 2 * 4 * 4096 + _ATTN7 + 3 * 11008 * 2 + _LSE7,
+    # liger finetune: norm keeps bf16 input + fp32 rstd + bf16 normed; SwiGLU keeps gate, up, act·up
+    ("liger", "finetune"): 2 * (2 * 4096 + 4 + 2 * 4096) + _ATTN7 + 3 * 11008 * 2 + _LSE7,
+    # liger pretrain: norm keeps bf16 input + fp32 rstd; SwiGLU keeps gate and up
+    ("liger", "pretrain"): 2 * (2 * 4096 + 4) + _ATTN7 + 2 * 11008 * 2 + _LSE7,
+}
+
+
+def test_saved_bytes_per_token_hand_values():
+    assert SAVED_7B == {("hf", "finetune"): 186496, ("hf", "pretrain"): 131712,
+                        ("liger", "finetune"): 131720, ("liger", "pretrain"): 93320}
+    for (kernels, stage), expected in SAVED_7B.items():
+        assert layer_saved_bytes_per_token(_inp7(stage, kernels=kernels)) == expected, (kernels, stage)
+    # eager attention keeps no logsumexp
+    assert layer_saved_bytes_per_token(_inp7("pretrain", kernels="liger", attn_impl="eager")) == \
+        SAVED_7B[("liger", "pretrain")] - _LSE7
+
+
+def test_saved_bytes_per_token_tiny_liger():
+    # tiny: h 64, i 172, kv 4·16 = 64, heads 4
+    inp = MemoryPlanInput(TINY, "finetune", 3, 2, 2, 40, kernels="liger")
+    assert layer_saved_bytes_per_token(inp) == 2 * (2 * 64 + 4 + 2 * 64) + 4 * 64 * 2 + 3 * 172 * 2 + 4 * 4  # 2080
+    assert layer_saved_bytes_per_token(replace(inp, stage="pretrain")) == 2 * (2 * 64 + 4) + 4 * 64 * 2 + 2 * 172 * 2 + 16
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
+@pytest.mark.parametrize("kernels", ["hf", "liger"])
+def test_all_layers_equals_the_default(stage, kernels):
+    default = estimate_memory(_inp7(stage, kernels=kernels))
+    explicit = estimate_memory(_inp7(stage, kernels=kernels, recompute_layers=32))
+    assert explicit == default  # terms, total, peak phase, every phase
+    assert default.phase_terms["backward"]["act_checkpoints"] == 32 * 4 * 2048 * 4096 * 2
+    assert "act_kept_layers" not in default.phase_terms["backward"]
+    assert "act_all_layers" not in default.phase_terms["backward"]
+
+
+@pytest.mark.parametrize("stage,kernels,k", [("pretrain", "liger", 5), ("pretrain", "hf", 31),
+                                              ("finetune", "hf", 1), ("finetune", "liger", 20)])
+def test_partial_recompute_terms_by_hand(stage, kernels, k):
+    tokens = 4 * 2048
+    bw = estimate_memory(_inp7(stage, kernels=kernels, recompute_layers=k)).phase_terms["backward"]
+    assert bw["act_checkpoints"] == k * tokens * 4096 * 2
+    assert bw["act_kept_layers"] == (32 - k) * tokens * SAVED_7B[(kernels, stage)]
+    assert "act_all_layers" not in bw
+
+
+def test_no_checkpointing_keeps_every_layer():
+    tokens = 4 * 2048
+    off = estimate_memory(_inp7("pretrain", grad_ckpt=False)).phase_terms["backward"]
+    zero = estimate_memory(_inp7("pretrain", recompute_layers=0)).phase_terms["backward"]
+    assert off["act_all_layers"] == zero["act_all_layers"] == 32 * tokens * SAVED_7B[("hf", "pretrain")]
+    assert "act_checkpoints" not in off and "act_checkpoints" not in zero
+    assert "act_kept_layers" not in zero
+    # grad_ckpt=False ignores recompute_layers altogether
+    assert _inp7("pretrain", grad_ckpt=False, recompute_layers=7).checkpointed_layers == 0
+    assert estimate_memory(_inp7("pretrain", grad_ckpt=False, recompute_layers=7)) == \
+        estimate_memory(_inp7("pretrain", grad_ckpt=False))
+    # recompute_layers=0 still checkpoints CLIP and hooks the input embeddings (enable_checkpointing does
+    # both whatever llm_layers is), so only those terms differ from grad_ckpt=False.
+    assert zero["act_vision"] == 4 * 1024 * 2 * (25 * 577 + 576) and off["act_vision"] == 4 * 577 * 1024 * 2
+    assert zero["act_input_embeds"] == tokens * 4096 * 2 and "act_input_embeds" not in off
+    assert {k: v for k, v in zero.items() if k not in ("act_vision", "act_input_embeds")} == \
+        {k: v for k, v in off.items() if k != "act_vision"}
+
+
+def test_properties():
+    inp = _inp7()
+    assert inp.micro_batch_tokens == 4 * 2048 and inp.checkpointed_layers == 32
+    assert replace(inp, tokens=777).micro_batch_tokens == 777
+    assert replace(inp, recompute_layers=3).checkpointed_layers == 3
+
+
+def test_tokens_override_micro_batch_times_seq():
+    t = 5000  # a packed micro-batch shorter than LBS × MPE = 8192
+    inp = _inp7("pretrain", tokens=t, recompute_layers=10)
+    bw = estimate_memory(inp).phase_terms["backward"]
+    assert bw["act_checkpoints"] == 10 * t * 4096 * 2
+    assert bw["act_kept_layers"] == 22 * t * SAVED_7B[("hf", "pretrain")]
+    assert bw["act_input_embeds"] == t * 4096 * 2
+    assert bw["act_final_norm"] == t * 4096 * 4
+    assert bw["attention_mask"] == 4 * 2048**2 * 1  # padded sdpa mask still spans micro_batch × seq²
+    assert estimate_memory(inp).phase_terms["projector_backward"]["act_input_embeds"] == 2 * t * 4096 * 2
+    # tokens == micro_batch × seq_len is the default exactly
+    assert estimate_memory(_inp7(tokens=4 * 2048)) == estimate_memory(_inp7())
+    assert estimate_memory(inp).total < estimate_memory(replace(inp, tokens=None)).total
+
+
+def _totals(inp: MemoryPlanInput) -> list[int]:
+    return [estimate_memory(replace(inp, recompute_layers=k)).total for k in range(inp.preset.llm.layers + 1)]
+
+
+@pytest.mark.parametrize("stage,kernels", [("pretrain", "hf"), ("finetune", "hf"), ("pretrain", "liger")])
+def test_more_checkpointed_layers_never_cost_more_from_one_layer_on(stage, kernels):
+    totals = _totals(_inp7(stage, kernels=kernels))
+    assert all(a >= b for a, b in zip(totals[1:], totals[2:]))  # non-increasing for k >= 1
+    assert totals[1] > totals[-1]
+
+
+def test_monotone_in_k_when_the_loss_dominates():
+    # tiny preset: the logits/loss working set is larger than a layer's, so the replay never sets the peak
+    inp = MemoryPlanInput(TINY, "finetune", 3, 2, 2, 40, framework_bytes=0)
+    totals = _totals(inp)
+    assert all(a >= b for a, b in zip(totals, totals[1:]))
+    assert totals[0] > totals[-1]
+
+
+@pytest.mark.parametrize("stage,kernels", [("pretrain", "hf"), ("pretrain", "liger")])
+def test_one_checkpointed_layer_costs_no_more_than_none(stage, kernels):
+    # a planner-like input (LBS 32, packed, target-only loss): a decoder layer's backward sets the peak
+    totals = _totals(_inp7(stage, kernels=kernels, micro_batch=32, packed=True, loss_impl="objective"))
+    assert totals[1] <= totals[0]
+
+
+def test_fit_recompute_returns_the_fewest_layers_that_fit():
+    inp = _inp7("pretrain", kernels="liger", micro_batch=8)
+    totals = _totals(inp)
+    for usable in (totals[-1], (totals[-1] + totals[1]) // 2, totals[12] + 1, totals[1]):
+        k, est = fit_recompute_memory(inp, usable)
+        assert est == estimate_memory(replace(inp, recompute_layers=k))
+        assert est.total <= usable
+        assert all(t > usable for t in totals[:k]), (usable, k)  # no smaller k fits
+    assert fit_recompute_memory(inp, totals[12])[0] == 12
+    assert fit_recompute_memory(inp, totals[12] - 1)[0] == 13
+    assert fit_recompute_memory(inp, 10**15)[0] == 0  # everything fits: replay nothing
+    k, est = fit_recompute_memory(inp, totals[-1] - 1)  # nothing fits: every layer, the caller's problem
+    assert k == 32 and est.total == totals[-1] > totals[-1] - 1
+    # grad_ckpt=False in the input is overridden: the fit is about checkpointing
+    assert fit_recompute_memory(replace(inp, grad_ckpt=False), totals[12])[0] == 12
+
+
+@pytest.mark.parametrize("bad,match", [({"recompute_layers": 33}, "recompute_layers"),
+                                       ({"recompute_layers": -1}, "recompute_layers"),
+                                       ({"kernels": "apex"}, "kernels"),
+                                       ({"tokens": 0}, "tokens")])
+def test_validation(bad, match):
+    with pytest.raises(ValueError, match=match):
+        estimate_memory(_inp7(**bad))
+
+
+# =============================================================================================
+# planner
+# =============================================================================================
+
+H200_PACKAGES = ("torch.nn.attention.varlen", "liger_kernel", "triton")
+
+
+def _h200(packages: tuple[str, ...] = H200_PACKAGES):
+    machine = describe_machine("NVIDIA H200", 140 * GiB, packages=frozenset()).with_packages(*packages)
+    return load_registry(machine=machine).select("nvidia")
+
+
+@pytest.fixture(scope="module")
+def h200():
+    return _h200()
+
+
+def _pretrain13(backend, **kw):
+    return build_plan(backend, case="llava1.5-13b", stage="pretrain", nproc=2, **kw)
+
+
+def _recompute_adjustments(plan):
+    return [a for a in plan.adjustments if a.what == "recompute_layers"]
+
+
+def test_h200_pretrain_plan_uses_every_lever(h200):
+    plan = _pretrain13(h200)
+    assert plan.kernels == "liger" and plan.packed and plan.attn_implementation == "sdpa"
+    assert plan.loss == "objective" and plan.recompute == "auto" and plan.without == ()
+    assert plan.micro_batch == 32 and plan.micro_batch_tokens is None
+    k = plan.recompute_layers
+    assert 0 < k < 40
+    (adj,) = _recompute_adjustments(plan)
+    assert (adj.from_, adj.to, adj.by) == (40, k, "planner") and "LBS x MPE" in adj.why
+    kern = [a for a in plan.adjustments if a.what == "kernels"]
+    assert len(kern) == 1 and (kern[0].from_, kern[0].to, kern[0].by) == ("hf", "liger", "nvidia")
+    # the chosen k fits the usable memory and k - 1 does not
+    usable = int(140 * GiB * 0.92)
+    assert plan.usable_memory == usable
+    inp = memory_input(plan, plan.micro_batch)
+    assert inp.kernels == "liger" and inp.packed and inp.recompute_layers == k and inp.loss_impl == "objective"
+    assert estimate_memory(inp).total <= usable < estimate_memory(replace(inp, recompute_layers=k - 1)).total
+    assert plan.memory["total"] == pytest.approx(estimate_memory(inp).total / GiB)
+    d = plan.to_dict()
+    assert d["kernels"] == "liger" and d["recompute_layers"] == k and d["without"] == [] and d["loss"] == "objective"
+
+
+def test_without_fused_kernels_keeps_hf_and_says_why(h200):
+    plan = _pretrain13(h200, without=["fused-kernels"])
+    assert plan.kernels == "hf" and not any(a.what == "kernels" for a in plan.adjustments)
+    assert any("liger" in n and "--without fused-kernels" in n for n in plan.notes)
+    # transformers' modules save more per token: at least as many layers must be replayed
+    assert plan.recompute_layers >= _pretrain13(h200).recompute_layers
+    assert plan.without == ("fused-kernels",)
+
+
+def test_without_selective_recompute_replays_all(h200):
+    plan = _pretrain13(h200, without=["selective-recompute"])
+    assert plan.recompute == "all" and plan.recompute_layers == 40 and not _recompute_adjustments(plan)
+    assert plan.memory["terms"]["act_checkpoints"] == pytest.approx(40 * 32 * 2048 * 5120 * 2 / GiB)
+
+
+def test_explicit_recompute_and_all(h200):
+    plan = _pretrain13(h200, recompute=5)
+    assert plan.recompute == 5 and plan.recompute_layers == 5 and not _recompute_adjustments(plan)
+    assert plan.memory["terms"]["act_checkpoints"] == pytest.approx(5 * 32 * 2048 * 5120 * 2 / GiB)
+    assert _pretrain13(h200, recompute="all").recompute_layers == 40
+    assert _pretrain13(h200, recompute="0").recompute_layers == 0
+    assert _pretrain13(h200, grad_ckpt=False).recompute_layers == 0
+
+
+def test_without_packing_and_target_loss(h200):
+    plan = _pretrain13(h200, without=["packing"])
+    assert plan.packed is False and plan.attn_implementation == "sdpa" and plan.kernels == "liger"
+    plan = _pretrain13(h200, without=["target-loss"])
+    assert plan.loss == "hf" and plan.packed
+    (adj,) = [a for a in plan.adjustments if a.what == "loss"]
+    assert (adj.from_, adj.to, adj.by) == ("objective", "hf", "user")
+    both = _pretrain13(h200, without=["packing", "target-loss", "fused-kernels", "selective-recompute"])
+    assert (both.packed, both.loss, both.kernels, both.recompute_layers) == (False, "hf", "hf", 40)
+
+
+def test_liger_needs_its_packages_and_ampere():
+    assert _pretrain13(_h200(("torch.nn.attention.varlen", "triton"))).kernels == "hf"  # liger_kernel missing
+    machine = describe_machine("Tesla V100-SXM2-32GB", 32 * GiB, packages=frozenset(H200_PACKAGES))
+    v100 = build_plan(load_registry(machine=machine).select("nvidia"), case="tiny", stage="pretrain", nproc=1)
+    assert v100.kernels == "hf"
+
+
+def test_iluvatar_plan_keeps_hf_kernels():
+    machine = describe_machine("Iluvatar BI-V150", 32 * GiB,
+                               packages=frozenset({"flash_attn", "liger_kernel", "triton"}))
+    backend = load_registry(machine=machine).select("iluvatar")
+    plan = build_plan(backend, case="llava1.5-13b", stage="finetune", nproc=16)
+    assert plan.backend == "iluvatar" and plan.kernels == "hf"
+    assert not any(a.what == "kernels" for a in plan.adjustments)
+
+
+@pytest.mark.parametrize("kw,needle", [({"without": ["nosuch"]}, "--without nosuch"),
+                                       ({"without": ["packing", "turbo"]}, "--without turbo"),
+                                       ({"recompute": 41}, "--recompute 41"),
+                                       ({"recompute": -1}, "--recompute -1"),
+                                       ({"recompute": "x"}, "--recompute 'x'")])
+def test_bad_levers_and_recompute_are_config_errors(h200, kw, needle):
+    with pytest.raises(ConfigError) as err:
+        _pretrain13(h200, **kw)
+    assert needle in str(err.value)
+
+
+def test_parse_recompute():
+    assert parse_recompute("auto", 40) == "auto" and parse_recompute("all", 40) == "all"
+    assert parse_recompute("7", 40) == 7 and parse_recompute(40, 40) == 40 and parse_recompute(0, 40) == 0
+    for bad in (41, "41", "-1", "x", None, "1.5"):
+        with pytest.raises(ConfigError):
+            parse_recompute(bad, 40)
+    assert set(LEVERS) == {"packing", "selective-recompute", "target-loss", "fused-kernels", "loader-workers"}
+
+
+def test_refit_with_the_data_bound_replaces_the_record(h200):
+    plan = _pretrain13(h200)
+    k_full = plan.recompute_layers
+    total_full = plan.memory["total"]
+    fit_recompute(plan, h200, micro_batch_tokens=40_000)  # the data's longest micro-batch: < 32 × 2048
+    assert plan.micro_batch_tokens == 40_000
+    assert plan.recompute_layers < k_full
+    (adj,) = _recompute_adjustments(plan)  # replaced, not appended
+    assert adj.to == plan.recompute_layers and adj.from_ == 40 and "40000 tokens" in adj.why
+    # fewer layers replayed for fewer tokens: the estimate still fits (it need not shrink)
+    assert plan.memory["total"] * GiB <= plan.usable_memory and plan.memory["total"] != total_full
+    inp = memory_input(plan, plan.micro_batch)
+    assert inp.tokens == 40_000
+    usable = plan.usable_memory
+    k = plan.recompute_layers
+    assert estimate_memory(inp).total <= usable
+    if k > 0:
+        assert estimate_memory(replace(inp, recompute_layers=k - 1)).total > usable
+    # a small bound needs no replay at all
+    fit_recompute(plan, h200, micro_batch_tokens=4_000)
+    assert plan.recompute_layers == 0 and len(_recompute_adjustments(plan)) == 1
+    # a bound so large that even full recompute does not fit: every layer, and no stale record left
+    fit_recompute(plan, h200, micro_batch_tokens=10**6)
+    assert plan.recompute_layers == 40 and _recompute_adjustments(plan) == []
+    assert plan.to_dict()["micro_batch_tokens"] == 10**6
+
+
+def test_refit_leaves_explicit_recompute_alone(h200):
+    plan = _pretrain13(h200, recompute=3)
+    fit_recompute(plan, h200, micro_batch_tokens=4_000)
+    assert plan.recompute_layers == 3 and plan.micro_batch_tokens == 4_000 and not _recompute_adjustments(plan)
+    assert plan.memory["terms"]["act_checkpoints"] == pytest.approx(3 * 4_000 * 5120 * 2 / GiB)
+
+
+# =============================================================================================
+# data: the micro-batch token bound
+# =============================================================================================
+
+def test_micro_batch_token_bound():
+    assert micro_batch_token_bound([5, 1, 9, 3], 2) == 14
+    assert micro_batch_token_bound([5, 1, 9, 3], 1) == 9
+    assert micro_batch_token_bound([5, 1, 9, 3], 4) == 18
+    assert micro_batch_token_bound([5, 1, 9, 3], 10) == 18  # fewer samples than a micro-batch
+    assert micro_batch_token_bound([7, 7, 2], 2) == 14  # ties
+    assert micro_batch_token_bound([], 3) == 0
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    from accelbench.train.synth import synthesize
+
+    return synthesize(tmp_path_factory.mktemp("synth"), n_pretrain=12, n_finetune=12, mmmu=False)
+
+
+def test_check_data_bound_matches_the_encoded_samples(synth, tmp_path):
+    from transformers import AutoTokenizer
+
+    from accelbench.train.data import LlavaDataset, load_records
+    from accelbench.train.datacheck import DATA_CHECK, check_data
+
+    lbs, mpe = 3, 2048
+    cfg = SimpleNamespace(
+        data=SimpleNamespace(tokenizer=str(synth["tokenizer"]), pretrain_json=str(synth["pretrain_json"]),
+                             finetune_json=str(synth["finetune_json"]), image_folder=str(synth["image_folder"])),
+        stages=["pretrain", "finetune"], plans={s: {"MPE": mpe, "LBS": lbs} for s in ("pretrain", "finetune")},
+        bad_samples="skip", max_bad_fraction=0.5, run_dir=str(tmp_path), case="tiny")
+    checked = check_data(cfg)
+    tok = AutoTokenizer.from_pretrained(synth["tokenizer"])
+    for stage, template in (("pretrain", "plain"), ("finetune", "vicuna_v1")):
+        records = load_records(cfg.data.pretrain_json if stage == "pretrain" else cfg.data.finetune_json)
+        ds = LlavaDataset(records, cfg.data.image_folder, tok, template=template, image_tokens=16,
+                          image_token_id=1023, image_size=56, model_max_length=mpe)
+        lengths = sorted((len(ds.encode(r)[0]) for r in records), reverse=True)
+        assert checked[stage]["used"] == len(records)
+        assert checked[stage]["max_micro_batch_tokens"] == sum(lengths[:lbs]), stage
+        written = json.loads((tmp_path / stage / DATA_CHECK).read_text())
+        assert written["max_micro_batch_tokens"] == checked[stage]["max_micro_batch_tokens"]
+
+
+def test_validate_records_reports_text_tokens_of_kept_records(synth):
+    from transformers import AutoTokenizer
+
+    from accelbench.train.data import LlavaDataset, load_records, validate_records
+
+    tok = AutoTokenizer.from_pretrained(synth["tokenizer"])
+    records = load_records(synth["finetune_json"])
+    bad = {"id": "bad", "conversations": []}
+    counts: list[int] = [999]  # replaced, not appended to
+    kept, report = validate_records([bad] + records, synth["image_folder"], tokenizer=tok, model_max_length=2048,
+                                    max_bad_fraction=0.5, text_tokens=counts)
+    assert report.bad == 1 and len(counts) == len(kept) == len(records)
+    ds = LlavaDataset(records, synth["image_folder"], tok, template="vicuna_v1", image_tokens=16,
+                      image_token_id=1023, image_size=56, model_max_length=4096)
+    for n, r in zip(counts, kept):
+        ids = ds.encode(r)[0]
+        assert n == len(ids) - ids.count(1023), r["id"]
+
+
+# =============================================================================================
+# FLOPs
+# =============================================================================================
+
+def test_recompute_flops_scale_with_the_replayed_layers():
+    s = 40
+    n_layer = llm_layer_matmul_params(TINY)
+    # tiny, 2 layers: replay without down_proj (non-reentrant early stop) + attention forward
+    full = 2 * (2 * (n_layer - 64 * 172) * s + 4 * s * s * 64)
+    kw = dict(grad_ckpt=True, frozen_vision_backward=False)  # no CLIP replay: only the LLM term counts
+    assert step_flops(TINY, [s], 1, "finetune", **kw).recompute_flops == full
+    assert step_flops(TINY, [s], 1, "finetune", recompute_layers=2, **kw).recompute_flops == full
+    assert step_flops(TINY, [s], 1, "finetune", recompute_layers=1, **kw).recompute_flops == full // 2
+    zero = step_flops(TINY, [s], 1, "finetune", recompute_layers=0, **kw)
+    assert zero.recompute_flops == 0
+    assert zero.hardware_flops == zero.model_flops
+    assert step_flops(TINY, [s], 1, "finetune", grad_ckpt=False, recompute_layers=2,
+                      frozen_vision_backward=False).recompute_flops == 0
+
+
+@pytest.mark.parametrize("k", [0, 1, 13, 40])
+def test_recompute_flops_13b_fraction(k):
+    lens = [2048, 1500, 900]
+    kw = dict(grad_ckpt=True, frozen_vision_backward=False)
+    full = step_flops(P13, lens, 3, "pretrain", **kw)
+    part = step_flops(P13, lens, 3, "pretrain", recompute_layers=k, **kw)
+    assert part.recompute_flops == full.recompute_flops * k // 40
+    assert part.model_flops == full.model_flops
+    assert part.hardware_flops == full.hardware_flops - full.recompute_flops + part.recompute_flops
+    # with the target-only loss, the chunked logits' replay is added on top, independent of k
+    head = 2 * 32000 * 5120 * 700
+    with_loss = step_flops(P13, lens, 3, "pretrain", recompute_layers=k, lm_head_tokens=700, **kw)
+    assert with_loss.recompute_flops == part.recompute_flops + head
+
+
+# =============================================================================================
+# model: only the first llm_layers decoder layers are checkpointed; the math does not change
+# =============================================================================================
+
+@pytest.fixture(scope="module")
+def tiny_batch():
+    import torch
+
+    from accelbench.train.data import IGNORE_INDEX
+
+    g = torch.Generator().manual_seed(3)
+    text = torch.randint(3, 1000, (2, 30), generator=g)
+    ids = torch.cat([text[:, :1], torch.full((2, 16), 1023), text[:, 1:]], dim=1)
+    labels = ids.clone()
+    labels[:, :20] = IGNORE_INDEX
+    return {"input_ids": ids, "labels": labels, "pixel_values": torch.randn(2, 3, 56, 56, generator=g)}
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    torch.manual_seed(0)
+    return LlavaForConditionalGeneration._from_config(TINY.llava_config(image_token_id=1023),
+                                                      attn_implementation="sdpa", dtype=torch.float32)
+
+
+def _loss_and_grads(base, batch, llm_layers, count_replays=False):
+    from accelbench.train.model import enable_checkpointing, freeze_for_stage
+    from accelbench.train.objective import LlavaObjective
+
+    model = copy.deepcopy(base)
+    trainable = freeze_for_stage(model, "finetune")
+    enable_checkpointing(model, llm_layers)
+    model.train()
+    layers = model.model.language_model.layers
+    calls = [0] * len(layers)
+    hooks = [layer.self_attn.q_proj.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+             for i, layer in enumerate(layers)]
+    loss = LlavaObjective(model)(**batch)
+    loss.backward()
+    for h in hooks:
+        h.remove()
+    flags = [layer.gradient_checkpointing for layer in layers]
+    return loss.detach(), [p.grad.detach().clone() for p in trainable], flags, calls, model
+
+
+def test_enable_checkpointing_first_layers_only(tiny_model, tiny_batch):
+    import torch
+
+    ref_loss, ref_grads, flags, calls, model = _loss_and_grads(tiny_model, tiny_batch, None)
+    assert flags == [True, True] and calls == [2, 2]  # every layer's forward is replayed in backward
+    assert all(layer.gradient_checkpointing for layer in model.model.vision_tower.encoder.layers)
+    for llm_layers, want_flags, want_calls in ((1, [True, False], [2, 1]), (0, [False, False], [1, 1]),
+                                               (2, [True, True], [2, 2])):
+        loss, grads, flags, calls, model = _loss_and_grads(tiny_model, tiny_batch, llm_layers)
+        assert flags == want_flags and calls == want_calls, llm_layers
+        # CLIP stays checkpointed whatever llm_layers is (the memory model counts it so)
+        assert all(layer.gradient_checkpointing for layer in model.model.vision_tower.encoder.layers)
+        assert torch.allclose(loss, ref_loss, rtol=0, atol=1e-6)
+        assert len(grads) == len(ref_grads)
+        for a, b in zip(grads, ref_grads):
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert any(g.abs().sum() > 0 for g in ref_grads)
+
+
+def test_objective_loss_choice(tiny_model, tiny_batch):
+    import torch
+
+    from accelbench.train.objective import LlavaObjective
+
+    with torch.no_grad():
+        ours = LlavaObjective(tiny_model.eval())(**tiny_batch)
+        hf = LlavaObjective(tiny_model, loss="hf")(**tiny_batch)
+        ref = tiny_model(**tiny_batch).loss
+    assert hf.item() == ref.item()
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="loss"):
+        LlavaObjective(tiny_model, loss="liger")
+
+
+# =============================================================================================
+# CLI
+# =============================================================================================
+
+def test_cli_plan_json_shows_the_levers(cli):
+    out = cli("plan", "--case", "llava1.5-13b", "--stage", "pretrain", "--nproc", "2", "--device-name", "NVIDIA H200",
+              "--device-memory", "140GiB", "--assume-package", "torch.nn.attention.varlen",
+              "--assume-package", "liger_kernel", "--assume-package", "triton", "--json")
+    assert out.returncode == 0, out.stderr
+    plan = json.loads(out.stdout)
+    assert plan["backend"] == "nvidia" and plan["kernels"] == "liger" and plan["packed"] is True
+    assert plan["without"] == [] and plan["recompute"] == "auto" and plan["micro_batch_tokens"] is None
+    assert 0 < plan["recompute_layers"] < 40
+    by_what = {a["what"]: a for a in plan["adjustments"]}
+    assert by_what["recompute_layers"]["to"] == plan["recompute_layers"] and by_what["kernels"]["to"] == "liger"
+
+
+@pytest.mark.parametrize("args,needle", [(("--without", "nosuch"), "--without nosuch: unknown lever"),
+                                         (("--recompute", "41"), "--recompute '41' is impossible")])
+def test_cli_bad_lever_is_one_line(cli, args, needle):
+    out = cli("plan", "--case", "llava1.5-13b", "--stage", "pretrain", "--nproc", "2", "--device-name", "NVIDIA H200",
+              "--device-memory", "140GiB", *args)
+    assert out.returncode == 2
+    assert needle in out.stderr
+    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
