@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -77,7 +78,15 @@ def child_env(s: Settings) -> dict[str, str]:
 def _run(cmd: list[str], env: dict[str, str], log: Path, timeout: float) -> float:
     t0 = time.perf_counter()
     with open(log, "w", encoding="utf-8") as fh:
-        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT), timeout=timeout)
+        # own process group: a timeout must take the launcher's ranks down too, or they keep the devices busy
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT),
+                                start_new_session=True)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         tail = log.read_text(encoding="utf-8", errors="replace")[-3000:]
@@ -139,16 +148,16 @@ def attempt(path: str, repeat: int, run: Any) -> RunResult:
 
 
 def run_interleaved(s: Settings, out: Path, repeats: int, *, peer_torchrun: bool | None = None,
-                    quiet: bool = False) -> list[RunResult]:
+                    quiet: bool = False, timeout: float = 1800) -> list[RunResult]:
     """A/B, B/A, A/B, ...: the path that runs first alternates every repeat."""
     results: list[RunResult] = []
     for r in range(repeats):
         order = ("accelbench", "peer") if r % 2 == 0 else ("peer", "accelbench")
         for which in order:
             if which == "accelbench":
-                res = attempt(ACCELBENCH, r, lambda: run_accelbench(s, out, r))
+                res = attempt(ACCELBENCH, r, lambda: run_accelbench(s, out, r, timeout=timeout))
             else:
-                res = attempt(PEER, r, lambda: run_peer(s, out, r, torchrun=peer_torchrun))
+                res = attempt(PEER, r, lambda: run_peer(s, out, r, timeout=timeout, torchrun=peer_torchrun))
             results.append(res)
             if not quiet:
                 what = (f"FAILED: {res.summary['error']}" if "error" in res.summary else

@@ -7,6 +7,7 @@ over the vocabulary never exist for more than one chunk.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -22,19 +23,28 @@ def _chunk_loss_sum(lm_head: torch.nn.Module, hidden: torch.Tensor, targets: tor
     return F.cross_entropy(lm_head(hidden).float(), targets, reduction="sum")
 
 
+def lm_head_calls(max_tokens: int, chunk: int = CHUNK_TOKENS) -> int:
+    """How many lm_head chunks a micro-batch of at most ``max_tokens`` tokens needs (at least one)."""
+    return max(1, math.ceil(max_tokens / chunk))
+
+
 def selected_cross_entropy(lm_head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
-                           chunk: int = CHUNK_TOKENS) -> torch.Tensor:
-    """Mean next-token cross-entropy over positions whose label is a target (same value as HF's loss)."""
+                           chunk: int = CHUNK_TOKENS, calls: int | None = None) -> torch.Tensor:
+    """Mean next-token cross-entropy over positions whose label is a target (same value as HF's loss).
+
+    ``calls``: run lm_head exactly this many times (some chunks may be empty).  Under ZeRO-3 every
+    lm_head call gathers its weight with a collective, so all ranks must make the same number of
+    calls whatever their target counts; None: as many ``chunk``-sized calls as the targets need.
+    """
     h, y = hidden[:, :-1], labels[:, 1:].to(hidden.device)
     keep = y != IGNORE_INDEX
     h, y = h[keep], y[keep]
     n = y.numel()
-    if n == 0:
-        return hidden.sum() * 0.0  # keeps the graph (and ZeRO's hooks) intact on a batch without targets
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for s in range(0, n, chunk):
-        total = total + checkpoint(_chunk_loss_sum, lm_head, h[s:s + chunk], y[s:s + chunk], use_reentrant=False)
-    return total / n
+    pieces = calls if calls is not None else max(1, math.ceil(n / chunk))
+    total = hidden.sum() * 0.0  # keeps the graph (and ZeRO's hooks) intact on a batch without targets
+    for hs, ys in zip(torch.tensor_split(h, pieces), torch.tensor_split(y, pieces)):
+        total = total + checkpoint(_chunk_loss_sum, lm_head, hs, ys, use_reentrant=False)
+    return total / max(n, 1)
 
 
 class LlavaObjective(torch.nn.Module):
@@ -42,24 +52,46 @@ class LlavaObjective(torch.nn.Module):
 
     ``loss``: "objective" (logits at target positions only, chunked) or "hf" (transformers' own loss:
     fp32 logits at every position; the ablation baseline and what the HF Trainer runs).
+    ``uniform_calls`` (ZeRO-3): every micro-batch calls the same modules the same number of times on
+    every rank -- ``lm_head_calls`` chunks, and the vision tower even without images -- because ZeRO-3
+    gathers each module's parameters with collectives as it is called; a rank that skips a call or
+    makes an extra one leaves the others waiting forever.
     """
 
-    def __init__(self, llava: Any, loss: str = "objective"):
+    def __init__(self, llava: Any, loss: str = "objective", *, uniform_calls: bool = False,
+                 lm_head_calls: int | None = None):
         super().__init__()
         if loss not in ("objective", "hf"):
             raise ValueError(f"loss must be 'objective' or 'hf', got {loss!r}")
         self.llava, self.loss = llava, loss
+        self.uniform_calls, self.lm_head_calls = uniform_calls, lm_head_calls
 
     @property
     def config(self) -> Any:
         return self.llava.config
 
+    def _embeds_with_idle_vision(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Input embeddings of an image-less micro-batch, after running the vision tower and projector
+        on one blank image (weight 0 in the loss), in the order LlavaModel.forward calls them."""
+        model, cfg = self.llava.model, self.llava.config
+        embeds = model.get_input_embeddings()(input_ids)
+        size = cfg.vision_config.image_size
+        blank = torch.zeros(1, 3, size, size, dtype=embeds.dtype, device=embeds.device)
+        features = model.get_image_features(pixel_values=blank, vision_feature_layer=cfg.vision_feature_layer,
+                                            vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+                                            return_dict=True).pooler_output
+        return embeds + 0.0 * torch.cat(list(features)).sum()
+
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, pixel_values: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 **attention_kwargs: Any) -> torch.Tensor:
+        inputs: dict[str, Any] = {"input_ids": input_ids, "pixel_values": pixel_values}
+        if pixel_values is None and self.uniform_calls:
+            inputs = {"inputs_embeds": self._embeds_with_idle_vision(input_ids)}
         if self.loss == "hf":
-            return self.llava(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
-                              position_ids=position_ids, labels=labels, use_cache=False, **attention_kwargs).loss
-        out = self.llava.model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
-                               position_ids=position_ids, use_cache=False, **attention_kwargs)
-        return selected_cross_entropy(self.llava.lm_head, out.last_hidden_state, labels)
+            return self.llava(**inputs, attention_mask=attention_mask, position_ids=position_ids, labels=labels,
+                              use_cache=False, **attention_kwargs).loss
+        out = self.llava.model(**inputs, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                               **attention_kwargs)
+        return selected_cross_entropy(self.llava.lm_head, out.last_hidden_state, labels,
+                                      calls=self.lm_head_calls if self.uniform_calls else None)

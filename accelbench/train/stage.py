@@ -13,7 +13,7 @@ from ..cases import get_preset
 from ..progress import Progress
 from . import checkpoint, faults
 from .config import RunConfig
-from .objective import LlavaObjective
+from .objective import LlavaObjective, lm_head_calls
 from .metrics import EventLog, StepRecord, read_step_records, rss_bytes, summarize, warmup_steps
 
 IGNORE_INDEX = -100
@@ -97,8 +97,10 @@ class StageRunner:
             enable_checkpointing(model, self.plan.get("recompute_layers"))
         optimizer = torch.optim.AdamW(trainable, lr=self.plan["lr"], betas=(0.9, 0.999), weight_decay=0.0)
         scheduler = cosine_with_warmup(optimizer, self.cfg.steps[self.stage])
-        engine, _, _, _ = deepspeed.initialize(model=LlavaObjective(model, self.plan.get("loss", "objective")),
-                                               optimizer=optimizer,
+        p = self.plan
+        objective = LlavaObjective(model, p.get("loss", "objective"), uniform_calls=p["zero_stage"] == 3,
+                                   lm_head_calls=lm_head_calls(p.get("micro_batch_tokens") or p["LBS"] * p["MPE"]))
+        engine, _, _, _ = deepspeed.initialize(model=objective, optimizer=optimizer,
                                                lr_scheduler=scheduler, config=ds_config)
         return engine, model
 

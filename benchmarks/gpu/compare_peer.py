@@ -57,6 +57,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ablate", default="", metavar="LEVER[,LEVER]",
                    help="after the pair, one accelbench run per lever with `--without LEVER` (accelbench.plan.LEVERS)")
     p.add_argument("--no-peer", action="store_true", help="accelbench (and its ablations) only")
+    p.add_argument("--path-timeout", type=float, default=1800,
+                   help="seconds one path may run before it is recorded as failed and the table printed anyway")
     p.add_argument("--without", default="", metavar="LEVER[,LEVER]",
                    help="levers the main accelbench run goes without (e.g. fused-kernels where Liger is unusable)")
     a = p.parse_args(argv)
@@ -103,10 +105,10 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{a.repeats} repeat(s), {'fixed ' + str(a.fixed_len) + ' tokens' if a.fixed_len else 'variable lengths'}; "
           f"logs in {out}", flush=True)
     if a.no_peer:
-        results = [cc.attempt(cc.ACCELBENCH, 0, lambda: cc.run_accelbench(s, out, 0))]
+        results = [cc.attempt(cc.ACCELBENCH, 0, lambda: cc.run_accelbench(s, out, 0, timeout=a.path_timeout))]
     else:
-        results = cc.run_interleaved(s, out, a.repeats, peer_torchrun=True)
-    ablations = [ablate(s, out, a.without, lever) for lever in a.ablate.split(",")
+        results = cc.run_interleaved(s, out, a.repeats, peer_torchrun=True, timeout=a.path_timeout)
+    ablations = [ablate(s, out, a.without, lever, a.path_timeout) for lever in a.ablate.split(",")
                  if lever and lever not in a.without.split(",")]
     add_utilisation(results + ablations, a.peak_tflops * 1e12)
     print(f"\nMFU/HFU: accelbench's analytic FLOPs per GPU-second / {a.peak_tflops} TFLOP/s; "
@@ -123,10 +125,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def ablate(s: cc.Settings, out: Path, without: str, lever: str) -> cc.RunResult:
+def ablate(s: cc.Settings, out: Path, without: str, lever: str, timeout: float) -> cc.RunResult:
     label = f"accelbench --without {lever}"
     settings = replace(s, accelbench_args=("--without", ",".join(filter(None, (without, lever)))))
-    result = cc.attempt(label, 0, lambda: cc.run_accelbench(settings, out, 0, label=label))
+    result = cc.attempt(label, 0, lambda: cc.run_accelbench(settings, out, 0, timeout=timeout, label=label))
     print(f"  {label}: {result.summary.get('error') or format(result.tps, '.1f') + ' tok/s/proc'}", flush=True)
     return result
 

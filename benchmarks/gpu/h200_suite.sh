@@ -14,7 +14,7 @@ export ACCELBENCH_CACHE=/tmp/abcache
 NPROC=$(nvidia-smi -L | wc -l)
 STEPS=${STEPS:-10}
 WITHOUT=${WITHOUT:-}  # set by the liger phase when the fused kernels are unusable here
-keep() { mkdir -p "$OUT/$2"; cp "$1"/result.json "$1"/report.md "$1"/events.jsonl "$OUT/$2/" 2>/dev/null; cp -r "$1"/failures "$OUT/$2/" 2>/dev/null; }
+keep() { mkdir -p "$OUT/$2"; cp "$1"/result.json "$1"/report.md "$1"/events.jsonl "$OUT/$2/" 2>/dev/null; cp -r "$1"/failures "$1"/hang "$OUT/$2/" 2>/dev/null; }
 for phase in "$@"; do
   echo "=== $phase ($(date +%T))"
   case $phase in
@@ -31,7 +31,7 @@ for phase in "$@"; do
         --no-eval --out "/tmp/$phase" ${WITHOUT:+--without $WITHOUT} 2>&1 | grep -v "INFO" | tail -40
       keep "/tmp/$phase" "$phase" ;;
     auto7b)  # the memory issue: the --mbs auto choice must run without running out of memory
-      timeout 200 python3 -m accelbench run --case llava1.5-7b --stages finetune --mbs auto --nproc-per-node "$NPROC" \
+      timeout 190 python3 -m accelbench run --case llava1.5-7b --stages finetune --mbs auto --nproc-per-node "$NPROC" \
         --steps 3 --no-eval --hang-timeout 120 --out /tmp/auto7b ${WITHOUT:+--without $WITHOUT} 2>&1 | grep -v "INFO" | tail -12
       keep /tmp/auto7b auto7b ;;
     varlen)
@@ -40,6 +40,7 @@ for phase in "$@"; do
       IFS=- read -r kind size stage <<< "$phase"
       fixed=(); [ "$kind" = fixed ] && fixed=(--fixed-len 1024)
       timeout "${PHASE_TIMEOUT:-400}" python3 benchmarks/gpu/compare_peer.py --case "llava1.5-$size" --stage "$stage" \
+        --path-timeout "${PATH_TIMEOUT:-1800}" \
         --steps "$STEPS" --nproc "$NPROC" "${fixed[@]}" --out "/tmp/$phase" --json "$OUT/$phase.json" \
         ${WITHOUT:+--without $WITHOUT} ${ABLATE:+--ablate $ABLATE} 2>&1 | grep -v INFO | tail -24 ;;
     mem7b|mem13b)
