@@ -70,28 +70,37 @@ class LlavaObjective(torch.nn.Module):
     def config(self) -> Any:
         return self.llava.config
 
-    def _embeds_with_idle_vision(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Input embeddings of an image-less micro-batch, after running the vision tower and projector
-        on one blank image (weight 0 in the loss), in the order LlavaModel.forward calls them."""
+    def input_embeds(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+        """LlavaModel.forward's first half: token embeddings with the projected image features in place
+        of the image tokens.  Done here so that both kinds of micro-batch call the same modules in the
+        same order (ZeRO-3 prefetches by the recorded module order): with ``uniform_calls`` an image-less
+        micro-batch runs the vision tower and projector on one blank image, with weight 0 in the loss."""
         model, cfg = self.llava.model, self.llava.config
         embeds = model.get_input_embeddings()(input_ids)
-        size = cfg.vision_config.image_size
-        blank = torch.zeros(1, 3, size, size, dtype=embeds.dtype, device=embeds.device)
-        features = model.get_image_features(pixel_values=blank, vision_feature_layer=cfg.vision_feature_layer,
+        if pixel_values is None and not self.uniform_calls:
+            return embeds
+        blank = pixel_values is None
+        if blank:
+            size = cfg.vision_config.image_size
+            pixel_values = torch.zeros(1, 3, size, size, dtype=embeds.dtype, device=embeds.device)
+        features = model.get_image_features(pixel_values=pixel_values, vision_feature_layer=cfg.vision_feature_layer,
                                             vision_feature_select_strategy=cfg.vision_feature_select_strategy,
                                             return_dict=True).pooler_output
-        return embeds + 0.0 * torch.cat(list(features)).sum()
+        features = torch.cat(list(features), dim=0).to(embeds.device, embeds.dtype)
+        if blank:
+            return embeds + 0.0 * features.sum()
+        mask = model.get_placeholder_mask(input_ids, inputs_embeds=embeds, image_features=features)
+        return embeds.masked_scatter(mask, features)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, pixel_values: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 **attention_kwargs: Any) -> torch.Tensor:
-        inputs: dict[str, Any] = {"input_ids": input_ids, "pixel_values": pixel_values}
-        if pixel_values is None and self.uniform_calls:
-            inputs = {"inputs_embeds": self._embeds_with_idle_vision(input_ids)}
-        if self.loss == "hf":
-            return self.llava(**inputs, attention_mask=attention_mask, position_ids=position_ids, labels=labels,
-                              use_cache=False, **attention_kwargs).loss
-        out = self.llava.model(**inputs, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
-                               **attention_kwargs)
+        out = self.llava.model.language_model(inputs_embeds=self.input_embeds(input_ids, pixel_values),
+                                              attention_mask=attention_mask, position_ids=position_ids,
+                                              use_cache=False, **attention_kwargs)
+        if self.loss == "hf":  # transformers' own: logits at every position, upcast to fp32 in its loss
+            logits = self.llava.lm_head(out.last_hidden_state)
+            return self.llava.loss_function(logits=logits, labels=labels,
+                                            vocab_size=self.llava.config.text_config.vocab_size)
         return selected_cross_entropy(self.llava.lm_head, out.last_hidden_state, labels,
                                       calls=self.lm_head_calls if self.uniform_calls else None)

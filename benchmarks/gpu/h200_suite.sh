@@ -4,7 +4,8 @@
 # phases: info varlen liger run7b run13b mem7b mem13b auto7b
 #         peer-CASE-STAGE (e.g. peer-13b-pretrain, peer-13b-finetune, peer-7b-finetune) and
 #         fixed-CASE-STAGE (every sample 1024 tokens, 576 of them image tokens)
-# ABLATE=lever,lever adds one accelbench run per lever without it (peer-/fixed- phases); STEPS (default 10).
+# ABLATE=lever,lever adds one accelbench run per lever without it (peer-/fixed- phases); NO_PEER=1 skips the
+# peer; STEPS (default 10); PHASE_TIMEOUT and PATH_TIMEOUT (seconds per phase and per path).
 # Everything lands in $OUT (logs, result.json copies, the comparison JSON).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -24,8 +25,8 @@ for phase in "$@"; do
       python3 -m accelbench info --json > "$OUT/info.json"
       nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$OUT/info.txt" ;;
     liger)
-      timeout 120 python3 benchmarks/gpu/check_liger.py 2>&1 | grep -v Warning | tail -3 | tee "$OUT/liger.txt"
-      grep -q "speed-up" "$OUT/liger.txt" || WITHOUT=fused-kernels ;;
+      timeout 120 python3 benchmarks/gpu/check_liger.py > "$OUT/liger.txt" 2>&1 || WITHOUT=fused-kernels
+      grep -v "Backend impl" "$OUT/liger.txt" | tail -2 ;;
     run7b|run13b)
       timeout 500 python3 -m accelbench run --case "llava1.5-${phase#run}" --nproc-per-node "$NPROC" --steps 12 \
         --no-eval --out "/tmp/$phase" ${WITHOUT:+--without $WITHOUT} 2>&1 | grep -v "INFO" | tail -40
@@ -42,7 +43,7 @@ for phase in "$@"; do
       timeout "${PHASE_TIMEOUT:-400}" python3 benchmarks/gpu/compare_peer.py --case "llava1.5-$size" --stage "$stage" \
         --path-timeout "${PATH_TIMEOUT:-1800}" \
         --steps "$STEPS" --nproc "$NPROC" "${fixed[@]}" --out "/tmp/$phase" --json "$OUT/$phase.json" \
-        ${WITHOUT:+--without $WITHOUT} ${ABLATE:+--ablate $ABLATE} 2>&1 | grep -v INFO | tail -24 ;;
+        ${WITHOUT:+--without $WITHOUT} ${ABLATE:+--ablate $ABLATE} ${NO_PEER:+--no-peer} 2>&1 | grep -v INFO | tail -24 ;;
     mem7b|mem13b)
       case=llava1.5-${phase#mem}
       if [ "$phase" = mem7b ]; then fmbs="8 16"; else fmbs="4 8"; fi
