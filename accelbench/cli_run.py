@@ -22,7 +22,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         tensorboard=args.tensorboard, zero_stage=args.zero_stage, lr=args.lr,
         save_every=args.save_every, resume=args.resume,
         hang_timeout=args.hang_timeout, recompute=args.recompute,
-        without=[w for w in (args.without or "").split(",") if w],
+        without=[w for w in (args.without or "").split(",") if w], profile=args.profile,
         launch=LaunchSpec(nproc_per_node=args.nproc_per_node, nnodes=args.nnodes, node_rank=args.node_rank,
                           master_addr=args.master_addr, master_port=args.master_port),
     )
@@ -115,6 +115,8 @@ def register(sub: Any) -> None:
                    help="seconds without a finished step before every rank's stacks are dumped and the run "
                         "stops (default 1800; 0 turns it off)")
     add_speed_options(s)
+    s.add_argument("--profile", metavar="A-B", help="torch.profiler over optimizer steps A..B of each stage: "
+                                                     "STAGE/profile/summary.txt, summary.json, trace.json.gz")
     s.add_argument("--log-all-ranks", action="store_true", help="progress and framework logs from every rank")
     s.add_argument("--tensorboard", action="store_true", help="write TensorBoard event files to RUN_DIR/tensorboard")
     s.add_argument("--quiet", action="store_true")

@@ -174,6 +174,21 @@ def step_series(r: RunResult) -> tuple[list[float], list[int]]:
     return [e["time_s"] for e in events], [e["real_tokens"] for e in events]
 
 
+def step_losses(r: RunResult) -> list[float]:
+    """Per-step losses of one run: accelbench's events.jsonl, the peer's summary."""
+    if r.path == PEER:
+        return [float(x) for x in r.summary.get("losses", [])]
+    events = [json.loads(line) for line in Path(r.summary["_events"]).read_text().splitlines() if line.strip()]
+    return [float(e["loss"]) for e in events]
+
+
+def loss_curve_gap(a: RunResult, b: RunResult) -> tuple[float, int] | None:
+    """Largest relative per-step loss difference between two runs over their common steps, and its step."""
+    la, lb = step_losses(a), step_losses(b)
+    gaps = [(abs(x - y) / max(abs(y), 1e-12), i + 1) for i, (x, y) in enumerate(zip(la, lb))]
+    return max(gaps) if gaps else None
+
+
 def best_of_repeats_tps(results: Sequence[RunResult], path: str, world: int) -> float | None:
     """Noise-robust check: both paths train the same batches in the same order, so take each step's fastest
     time over the repeats (the least-disturbed measurement of that batch), then steady tokens / summed time."""

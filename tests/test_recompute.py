@@ -546,3 +546,43 @@ def test_cli_bad_lever_is_one_line(cli, args, needle):
     assert out.returncode == 2
     assert needle in out.stderr
     assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_profile_steps_parse_and_categories():
+    from accelbench.errors import ConfigError
+    from accelbench.train.profiling import category, parse_profile_steps
+
+    assert parse_profile_steps("3", 20) == (3, 3) and parse_profile_steps("3-4", 20) == (3, 4)
+    assert parse_profile_steps(None) is None
+    for bad in ("0", "4-3", "x", "19-21"):
+        with pytest.raises(ConfigError):
+            parse_profile_steps(bad, 20)
+    assert category("ncclDevKernel_AllGather_RING_LL") == "communication"
+    assert category("nvjet_hsh_128x256_64x4_2x1_v_bz_coopA_NTN") == "matmul"
+    assert category("aten::mm") == "matmul"
+    assert category("pytorch_flash::flash_fwd_kernel") == "attention"
+    assert category("Memcpy HtoD (Pageable -> Device)") == "memory"
+    assert category("triton_rms_norm_forward") == "other"
+
+
+@pytest.mark.slow
+def test_run_profile_writes_summaries(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "ACCELBENCH_CACHE": str(tmp_path / "cache")}
+    out = subprocess.run([sys.executable, "-m", "accelbench", "run", "--stages", "pretrain", "--steps", "4",
+                          "--profile", "2-3", "--no-eval", "--quiet", "--out", str(tmp_path / "r")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    prof = tmp_path / "r" / "pretrain" / "profile"
+    summary = json.loads((prof / "summary.json").read_text())
+    assert summary["steps"] == [2, 3] and summary["wall_s"] > 0 and summary["basis"] == "cpu"
+    assert summary["seconds_per_step"]["matmul"] > 0
+    assert "aten::mm" in (prof / "summary.txt").read_text()
+    assert (prof / "trace.json.gz").stat().st_size > 0
+    bad = subprocess.run([sys.executable, "-m", "accelbench", "run", "--steps", "4", "--profile", "3-9"],
+                         capture_output=True, text=True, env=env, timeout=60)
+    assert bad.returncode == 2 and "--profile '3-9' is impossible" in bad.stderr

@@ -43,6 +43,7 @@ class RunConfig:
     save_every: int | None = None  # optimizer steps between checkpoints (None: only on SIGTERM/SIGINT)
     hang_timeout: float | None = None  # seconds without a finished step before the watchdog fires
     resume: bool = False  # continue finished stages and checkpoints found in run_dir
+    profile_steps: list[int] | None = None  # [first, last] optimizer steps to profile in each stage
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -46,6 +46,7 @@ class RunOptions:
     resume: str | None = None  # a run directory to continue
     recompute: str = "auto"  # decoder layers replayed: auto (memory model), all, or a number
     without: list[str] = field(default_factory=list)  # levers turned off, for ablations (plan.LEVERS)
+    profile: str | None = None  # "A-B": torch.profiler over optimizer steps A..B of each stage
 
 
 def cache_dir() -> Path:
@@ -77,6 +78,9 @@ def validate(opts: RunOptions) -> None:
         raise ConfigError(f"--steps {opts.steps} is impossible: give 1 or more optimizer steps")
     parse_mbs(opts.mbs)
     parse_recompute(opts.recompute, preset.llm.layers)
+    from .profiling import parse_profile_steps
+
+    parse_profile_steps(opts.profile, opts.steps or DEFAULT_STEPS)
     unknown = sorted(set(opts.without) - set(LEVERS))
     if unknown:
         raise ConfigError(f"--without {','.join(unknown)}: unknown lever; choose from {', '.join(LEVERS)}")
@@ -172,6 +176,7 @@ def run(opts: RunOptions) -> dict[str, Any]:
     from ..plan import build_plan
     from ..report.result import new_result, write_result
     from .config import DataPaths, RunConfig
+    from .profiling import parse_profile_steps
 
     preset = get_preset(opts.case)
     backend = load_registry().select(opts.backend)
@@ -202,6 +207,7 @@ def run(opts: RunOptions) -> dict[str, Any]:
         if backend.device_info().torch_device_type == "cpu" else None,
         save_every=opts.save_every,
         loader_workers=0 if "loader-workers" in opts.without else None,
+        profile_steps=list(parse_profile_steps(opts.profile)) if opts.profile else None,
         hang_timeout=(DEFAULT_HANG_TIMEOUT if opts.hang_timeout is None else opts.hang_timeout) or None,
     )
     result = new_result(run_dir=run_dir, backend=backend, case=opts.case, plans=plans,

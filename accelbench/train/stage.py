@@ -185,8 +185,16 @@ class StageRunner:
         progress.update_to(start_step)
         if watchdog is not None:
             watchdog.beat(self.stage, start_step)
+        profiler = None
+        if self.cfg.profile_steps:
+            from .profiling import StepProfiler
+
+            profiler = StepProfiler(tuple(self.cfg.profile_steps), self.stage_dir / "profile", rank=self.rank,
+                                    device_type=self.device.type)
         for step in range(start_step, steps):
             n = step + 1  # optimizer steps are counted from 1 in events, messages and faults
+            if profiler is not None:
+                profiler.before(n)
             # per-step seed: any random op draws the same numbers whether or not the run was resumed
             torch.manual_seed(self.cfg.seed * 1_000_003 + (0 if self.stage == "pretrain" else 500_009) + n)
             position_before = self._position
@@ -232,6 +240,8 @@ class StageRunner:
                 raise
             self.acc.synchronize()
             dt = time.perf_counter() - t0
+            if profiler is not None:
+                profiler.after(n)
             grad_norm = engine.get_global_grad_norm()
             rec = StepRecord(
                 stage=self.stage, step=n, time_s=dt, real_tokens=int(stats[0]), padded_tokens=int(stats[1]),

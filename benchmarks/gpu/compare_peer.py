@@ -120,9 +120,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         cc.print_table(results, s, GPU_COLUMNS)
     if ablations:
         print_ablation(results[0], ablations)
+    print_loss_check(results, ablations)
     if a.json:
         cc.write_results_json(a.json, results + ablations)
     return 0
+
+
+def print_loss_check(results: Sequence[cc.RunResult], ablations: Sequence[cc.RunResult]) -> None:
+    """The loss curves of the two paths, against the bf16 noise floor when it was measured.
+
+    The noise floor is accelbench against itself ``--without target-loss``: the same function of the same
+    weights, only rounded differently (bf16 logits at every position, one fp32 cross-entropy, instead of
+    chunks), so any gap between those two runs is rounding, not a different objective.
+    """
+    ok = [r for r in results if "error" not in r.summary]
+    mine = next((r for r in ok if r.path == cc.ACCELBENCH), None)
+    peer = next((r for r in ok if r.path == cc.PEER), None)
+    if mine is None:
+        return
+    if peer is not None:
+        gap = cc.loss_curve_gap(mine, peer)
+        if gap:
+            print(f"loss curves, accelbench vs peer: largest per-step relative difference {gap[0]:.2%} (step {gap[1]})")
+    same = next((r for r in ablations if r.path.endswith("target-loss") and "error" not in r.summary), None)
+    if same is not None:
+        gap = cc.loss_curve_gap(mine, same)
+        if gap:
+            print(f"bf16 noise floor, accelbench vs itself --without target-loss: {gap[0]:.2%} (step {gap[1]})")
 
 
 def ablate(s: cc.Settings, out: Path, without: str, lever: str, timeout: float) -> cc.RunResult:

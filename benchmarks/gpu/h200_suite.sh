@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The measurements recorded in docs/gpu-h200.md and docs/performance.md, run through the device tool:
 #   bash benchmarks/gpu/h200_suite.sh PHASE...
-# phases: info varlen liger run7b run13b mem7b mem13b auto7b
+# phases: info varlen liger run7b run13b mem7b mem13b auto7b prof-CASE-STAGE (e.g. prof-13b-finetune)
 #         peer-CASE-STAGE (e.g. peer-13b-pretrain, peer-13b-finetune, peer-7b-finetune) and
 #         fixed-CASE-STAGE (every sample 1024 tokens, 576 of them image tokens)
 # ABLATE=lever,lever adds one accelbench run per lever without it (peer-/fixed- phases); NO_PEER=1 skips the
@@ -37,6 +37,13 @@ for phase in "$@"; do
       keep /tmp/auto7b auto7b ;;
     varlen)
       python3 benchmarks/gpu/check_varlen.py 2>&1 | tail -3 ;;
+    prof-*)  # e.g. prof-13b-finetune: torch.profiler over steps 3-4, summaries to $OUT/prof-.../
+      IFS=- read -r _ size stage <<< "$phase"
+      timeout "${PHASE_TIMEOUT:-400}" python3 -m accelbench run --case "llava1.5-$size" --stages "$stage" \
+        --nproc-per-node "$NPROC" --steps 5 --profile 3-4 --no-eval --out "/tmp/$phase" \
+        ${WITHOUT:+--without $WITHOUT} 2>&1 | grep -v "INFO\|Backend impl" | tail -8
+      keep "/tmp/$phase" "$phase"; cp "/tmp/$phase/$stage/profile/summary."* "$OUT/$phase/" 2>/dev/null
+      cat "$OUT/$phase/summary.json" 2>/dev/null ;;
     peer-*|fixed-*)
       IFS=- read -r kind size stage <<< "$phase"
       fixed=(); [ "$kind" = fixed ] && fixed=(--fixed-len 1024)

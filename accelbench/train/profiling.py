@@ -1,0 +1,99 @@
+"""``accelbench run --profile A-B``: torch.profiler over optimizer steps A..B of each stage.
+
+Rank 0 writes, per stage, ``profile/summary.txt`` (top operators by device time, or CPU time on a
+CPU backend), ``profile/summary.json`` (device time per kernel category as a share of the profiled
+wall time: matmul, attention, communication, memory copies, other) and ``profile/trace.json.gz``
+(open in chrome://tracing or Perfetto). Every rank profiles, so the ranks stay in step.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+# Kernel-name fragments per category, checked in order (names differ by vendor and library version).
+CATEGORIES = (
+    ("communication", ("nccl", "allgather", "all_gather", "reduce_scatter", "allreduce", "all_reduce", "gloo")),
+    ("attention", ("flash", "fmha", "attention", "varlen")),
+    # cuBLAS on Hopper names its GEMMs nvjet_*; CPU profiles name the aten ops
+    ("matmul", ("gemm", "matmul", "cutlass", "cublas", "xmma", "nvjet", "aten::mm", "aten::bmm", "addmm")),
+    ("memory", ("memcpy", "memset")),
+)
+
+
+def parse_profile_steps(text: str | None, steps: int | None = None) -> tuple[int, int] | None:
+    """"3" -> (3, 3); "3-4" -> (3, 4); checked against the stage's step count when given."""
+    from ..errors import ConfigError
+
+    if text is None:
+        return None
+    try:
+        first, _, last = text.partition("-")
+        span = (int(first), int(last or first))
+    except ValueError:
+        raise ConfigError(f"--profile {text!r} is not a step range: give N or A-B, e.g. 3-4") from None
+    if not 1 <= span[0] <= span[1] or (steps is not None and span[1] > steps):
+        raise ConfigError(f"--profile {text!r} is impossible: give steps within 1..{steps or 'the step count'}, "
+                          f"first <= last (after warm-up, e.g. 3-4)")
+    return span
+
+
+def category(name: str) -> str:
+    low = name.lower()
+    for cat, fragments in CATEGORIES:
+        if any(f in low for f in fragments):
+            return cat
+    return "other"
+
+
+class StepProfiler:
+    def __init__(self, span: tuple[int, int], out_dir: Path, *, rank: int, device_type: str):
+        self.first, self.last = span
+        self.out_dir, self.rank, self.device_type = out_dir, rank, device_type
+        self.prof: Any = None
+        self.t0 = 0.0
+
+    def before(self, step: int) -> None:
+        if step != self.first:
+            return
+        import torch
+
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if self.device_type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        self.prof = torch.profiler.profile(activities=activities)
+        self.prof.__enter__()
+        self.t0 = time.perf_counter()
+
+    def after(self, step: int) -> None:
+        """Call once the step has finished on the device (after the accelerator's synchronize)."""
+        if step != self.last or self.prof is None:
+            return
+        wall = time.perf_counter() - self.t0
+        self.prof.__exit__(None, None, None)
+        if self.rank == 0:
+            self.write(wall)
+        self.prof = None
+
+    def write(self, wall_s: float) -> None:
+        from ..atomic import write_json_atomic, write_text_atomic
+
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        averages = self.prof.key_averages()
+        device = self.device_type != "cpu"
+        sort = "self_device_time_total" if device else "self_cpu_time_total"
+        write_text_atomic(self.out_dir / "summary.txt", averages.table(sort_by=sort, row_limit=40))
+        by_category: dict[str, float] = {}
+        for evt in averages:
+            seconds = (evt.self_device_time_total if device else evt.self_cpu_time_total) / 1e6
+            if seconds > 0:
+                by_category[category(evt.key)] = by_category.get(category(evt.key), 0.0) + seconds
+        steps = self.last - self.first + 1
+        write_json_atomic(self.out_dir / "summary.json", {
+            "steps": [self.first, self.last], "wall_s": wall_s, "basis": "device" if device else "cpu",
+            # kernels on different streams overlap (communication with compute): shares may sum above 1
+            "seconds_per_step": {k: v / steps for k, v in sorted(by_category.items())},
+            "share_of_wall": {k: v / wall_s for k, v in sorted(by_category.items())},
+        })
+        self.prof.export_chrome_trace(str(self.out_dir / "trace.json.gz"))
