@@ -136,22 +136,23 @@ def parse_mbs(text: str | int | None) -> int | str | None:
     return check_positive("--mbs", value, "give a positive integer or 'auto'")
 
 
-def memory_input(plan: RunPlan, micro_batch: int) -> Any:
-    """The memory model's input for this plan at a given micro-batch."""
+def memory_input(plan: RunPlan, micro_batch: int | None = None) -> Any:
+    """The memory model's input: for the plan as resolved (``micro_batch`` None: its micro-batch, the
+    data's token bound, its recompute choice), or for another micro-batch while fitting one (every
+    sample at MPE, every layer replayed)."""
     from .memory import MemoryPlanInput
     from .train.ds_config import deepspeed_config
 
+    planned = micro_batch is None
+    micro_batch = plan.micro_batch if micro_batch is None else micro_batch
     ds = deepspeed_config(zero_stage=plan.zero_stage, micro_batch=micro_batch, grad_accum=plan.grad_accum,
                           world_size=plan.nproc, dtype=plan.dtype, hidden_size=plan.preset.llm.hidden)
-    # the data's token bound and the recompute choice hold for the plan's own micro-batch; any other
-    # (micro-batch fitting) is estimated full (LBS × MPE) with every layer replayed
-    same_batch = micro_batch == plan.micro_batch
     return MemoryPlanInput(preset=plan.preset, stage=plan.stage, zero_stage=plan.zero_stage, dp_size=plan.nproc,
                            micro_batch=micro_batch, seq_len=plan.seq_len, dtype=plan.dtype,
                            grad_ckpt=plan.grad_ckpt, attn_impl=plan.attn_implementation, ds_config=ds,
                            loss_impl=plan.loss, packed=plan.packed, kernels=plan.kernels,
-                           tokens=plan.micro_batch_tokens if same_batch else None,
-                           recompute_layers=plan.recompute_layers if same_batch else None)
+                           tokens=plan.micro_batch_tokens if planned else None,
+                           recompute_layers=plan.recompute_layers if planned else None)
 
 
 def fit_micro_batch(plan: RunPlan, usable_bytes: int, calibration: float = 1.0, max_mbs: int = 256) -> tuple[int, Any]:
@@ -164,7 +165,7 @@ def fit_micro_batch(plan: RunPlan, usable_bytes: int, calibration: float = 1.0, 
 def estimate(plan: RunPlan, micro_batch: int | None = None) -> Any:
     from .memory import estimate_memory
 
-    return estimate_memory(memory_input(plan, micro_batch or plan.micro_batch))
+    return estimate_memory(memory_input(plan, micro_batch))
 
 
 def build_plan(backend: Any, *, case: str, stage: str, nproc: int = 1, micro_batch: int | str | None = None,
@@ -254,7 +255,7 @@ def fit_recompute(plan: RunPlan, backend: Any, micro_batch_tokens: int | None = 
         plan.recompute_layers = plan.recompute
     else:
         plan.recompute_layers = layers  # the estimate to start from
-        k, _ = fit(memory_input(plan, plan.micro_batch), int((plan.usable_memory or 0) / calibration))
+        k, _ = fit(memory_input(plan), int((plan.usable_memory or 0) / calibration))
         plan.recompute_layers = k
         tokens = (f"{plan.micro_batch_tokens} tokens, the data's longest micro-batch" if plan.micro_batch_tokens
                   else f"{plan.micro_batch * plan.seq_len} tokens (LBS x MPE)")

@@ -227,7 +227,7 @@ def test_h200_pretrain_plan_uses_every_lever(h200):
     # the chosen k fits the usable memory and k - 1 does not
     usable = int(140 * GiB * 0.92)
     assert plan.usable_memory == usable
-    inp = memory_input(plan, plan.micro_batch)
+    inp = memory_input(plan)
     assert inp.kernels == "liger" and inp.packed and inp.recompute_layers == k and inp.loss_impl == "objective"
     assert estimate_memory(inp).total <= usable < estimate_memory(replace(inp, recompute_layers=k - 1)).total
     assert plan.memory["total"] == pytest.approx(estimate_memory(inp).total / GiB)
@@ -317,7 +317,7 @@ def test_refit_with_the_data_bound_replaces_the_record(h200):
     assert adj.to == plan.recompute_layers and adj.from_ == 40 and "40000 tokens" in adj.why
     # fewer layers replayed for fewer tokens: the estimate still fits (it need not shrink)
     assert plan.memory["total"] * GiB <= plan.usable_memory and plan.memory["total"] != total_full
-    inp = memory_input(plan, plan.micro_batch)
+    inp = memory_input(plan)
     assert inp.tokens == 40_000
     usable = plan.usable_memory
     k = plan.recompute_layers
