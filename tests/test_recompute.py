@@ -581,6 +581,9 @@ def test_run_profile_writes_summaries(tmp_path):
     summary = json.loads((prof / "summary.json").read_text())
     assert summary["steps"] == [2, 3] and summary["wall_s"] > 0 and summary["basis"] == "cpu"
     assert summary["seconds_per_step"]["matmul"] > 0
+    phases = summary["phase_host_s_per_step"]
+    assert set(phases) == {"data", "forward", "backward", "optimizer_step"} and all(v > 0 for v in phases.values())
+    assert sum(phases.values()) <= summary["wall_s"] / 2 * 1.05  # per step, within the profiled wall time
     assert "aten::mm" in (prof / "summary.txt").read_text()
     assert (prof / "trace.json.gz").stat().st_size > 0
     bad = subprocess.run([sys.executable, "-m", "accelbench", "run", "--steps", "4", "--profile", "3-9"],

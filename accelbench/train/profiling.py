@@ -22,6 +22,9 @@ CATEGORIES = (
 )
 
 
+PHASE_PREFIX = "accelbench/"  # record_function names the trainer gives its step phases
+
+
 def parse_profile_steps(text: str | None, steps: int | None = None) -> tuple[int, int] | None:
     """"3" -> (3, 3); "3-4" -> (3, 4); checked against the stage's step count when given."""
     from ..errors import ConfigError
@@ -86,14 +89,21 @@ class StepProfiler:
         write_text_atomic(self.out_dir / "summary.txt", averages.table(sort_by=sort, row_limit=40))
         by_category: dict[str, float] = {}
         for evt in averages:
+            if evt.key.startswith(PHASE_PREFIX):  # annotations, not kernels: counted below
+                continue
             seconds = (evt.self_device_time_total if device else evt.self_cpu_time_total) / 1e6
             if seconds > 0:
                 by_category[category(evt.key)] = by_category.get(category(evt.key), 0.0) + seconds
         steps = self.last - self.first + 1
+        # the trainer's record_function phases (data, forward, backward, optimizer_step): host time,
+        # children included; the host waits for the device wherever ZeRO or the loss needs a value
+        phases = {evt.key.removeprefix(PHASE_PREFIX): evt.cpu_time_total / 1e6 / steps for evt in averages
+                  if evt.key.startswith(PHASE_PREFIX)}
         write_json_atomic(self.out_dir / "summary.json", {
             "steps": [self.first, self.last], "wall_s": wall_s, "basis": "device" if device else "cpu",
             # kernels on different streams overlap (communication with compute): shares may sum above 1
             "seconds_per_step": {k: v / steps for k, v in sorted(by_category.items())},
             "share_of_wall": {k: v / wall_s for k, v in sorted(by_category.items())},
+            "phase_host_s_per_step": dict(sorted(phases.items())),
         })
         self.prof.export_chrome_trace(str(self.out_dir / "trace.json.gz"))

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.profiler import record_function
 
 from ..cases import get_preset
 from ..progress import Progress
@@ -206,12 +207,16 @@ class StageRunner:
             try:
                 for micro in range(gas):
                     faults.before_micro_step(self.stage, n, rank=self.rank, micro_batch=mbs, backend=self.backend.name)
-                    batch = next(batches)
-                    inputs = model_inputs(batch, self.device, model.dtype)
-                    loss = faults.poison_loss(engine(**inputs), self.stage, n)
-                    engine.backward(loss)
+                    with record_function("accelbench/data"):  # phases named for --profile summaries
+                        batch = next(batches)
+                        inputs = model_inputs(batch, self.device, model.dtype)
+                    with record_function("accelbench/forward"):
+                        loss = faults.poison_loss(engine(**inputs), self.stage, n)
+                    with record_function("accelbench/backward"):
+                        engine.backward(loss)
                     if micro < gas - 1:  # the boundary step waits until the loss is known to be finite
-                        engine.step()
+                        with record_function("accelbench/optimizer_step"):
+                            engine.step()
                     losses.append(loss.detach().float())
                     ids += batch["ids"]
                     n_img = 0 if batch["pixel_values"] is None else int(batch["pixel_values"].shape[0])
@@ -233,7 +238,8 @@ class StageRunner:
                 loss_mean = float(stats[5]) / self.world_size
                 if not math.isfinite(loss_mean):
                     self._non_finite(engine, n, loss_mean, ids, position_before, elapsed_before + time.perf_counter() - t_stage)
-                engine.step()
+                with record_function("accelbench/optimizer_step"):
+                    engine.step()
             except Exception as exc:
                 if self.backend.is_oom(exc):
                     raise OutOfMemory(self.stage, n, mbs, exc) from exc
