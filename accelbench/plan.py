@@ -14,6 +14,7 @@ from .cases import ModelPreset, get_preset
 from .errors import ConfigError
 
 STAGES = ("pretrain", "finetune")
+OVER_MEMORY = "the estimate "  # the start of the plan note that warns of an estimate above the usable memory
 # The speed levers a run can be told to go without (`--without`), for ablations.
 LEVERS = {
     "packing": "pad micro-batches instead of packing them for varlen attention",
@@ -186,10 +187,7 @@ def build_plan(backend: Any, *, case: str, stage: str, nproc: int = 1, micro_bat
         raise ConfigError(f"--zero-stage {zero_stage!r} is unknown: choose 0, 1, 2 or 3")
     if lr is not None and not (0 < lr < 1):
         raise ConfigError(f"--lr {lr!r} is impossible: give a learning rate between 0 and 1, e.g. 2e-5")
-    unknown = sorted(set(without) - set(LEVERS))
-    if unknown:
-        raise ConfigError(f"--without {','.join(unknown)}: unknown lever; choose from {', '.join(LEVERS)}")
-    recompute = parse_recompute(recompute, preset.llm.layers)
+    recompute = check_levers(recompute, without, preset.llm.layers)
     defaults = STAGE_DEFAULTS[stage]
     requested = parse_mbs(micro_batch) if micro_batch is not None else defaults.micro_batch
     info = backend.device_info()
@@ -219,6 +217,18 @@ def build_plan(backend: Any, *, case: str, stage: str, nproc: int = 1, micro_bat
     plan.record(backend.adjust_plan(plan))  # vendor limits apply after any fitting
     fit_recompute(plan, backend)
     return plan
+
+
+def check_levers(recompute: int | str, without: tuple[str, ...] | list[str], layers: int) -> int | str:
+    """--recompute and --without, checked together; returns the parsed --recompute."""
+    unknown = sorted(set(without) - set(LEVERS))
+    if unknown:
+        raise ConfigError(f"--without {','.join(unknown)}: unknown lever; choose from {', '.join(LEVERS)}")
+    parsed = parse_recompute(recompute, layers)
+    if "selective-recompute" in without and parsed != "auto":
+        raise ConfigError(f"--recompute {recompute} and --without selective-recompute contradict each other: "
+                          f"give one of them")
+    return parsed
 
 
 def parse_recompute(value: int | str, layers: int) -> int | str:
@@ -267,8 +277,9 @@ def fit_recompute(plan: RunPlan, backend: Any, micro_batch_tokens: int | None = 
     plan.memory = estimate(plan).to_dict()
     plan.memory["calibration"] = calibration
     plan.memory["calibrated_total"] = plan.memory["total"] * calibration
+    plan.notes = [n for n in plan.notes if not n.startswith(OVER_MEMORY)]  # a re-fit judges afresh
     if plan.usable_memory and plan.memory["calibrated_total"] * 2**30 > plan.usable_memory:
-        plan.notes.append(f"the estimate ({plan.memory['calibrated_total']:.1f} GiB) exceeds the "
+        plan.notes.append(f"{OVER_MEMORY}({plan.memory['calibrated_total']:.1f} GiB) exceeds the "
                           f"{plan.usable_memory / 2**30:.1f} GiB usable: expect out-of-memory (use --mbs auto, "
                           f"--recompute auto or more processes)")
 
@@ -301,9 +312,14 @@ def _resolve_capabilities(plan: RunPlan, backend: Any) -> None:
     if not usable:
         raise ConfigError(f"backend {backend.name} lists no attention implementation whose packages are installed")
     if plan.attn_implementation != usable[0].name:
-        missing = [i for i in att.implementations if i not in usable and i.name == plan.attn_implementation]
-        why = (f"{plan.attn_implementation} needs {', '.join(missing[0].packages)}, not importable here"
-               if missing else f"backend {backend.name} prefers {usable[0].name}")
+        missing = [i for i in att.implementations if i.name == plan.attn_implementation
+                   and not all(p in packages for p in i.packages)]
+        if "packing" in plan.without and att.implementations[0].varlen:
+            why = "--without packing: padded micro-batches need an implementation without varlen input"
+        elif missing:
+            why = f"{plan.attn_implementation} needs {', '.join(missing[0].packages)}, not importable here"
+        else:
+            why = f"backend {backend.name} prefers {usable[0].name}"
         plan.record(plan.change("attn_implementation", usable[0].name, why, backend.name))
     plan.packed = usable[0].varlen
     _resolve_kernels(plan, backend)

@@ -83,7 +83,7 @@ def _run(cmd: list[str], env: dict[str, str], log: Path, timeout: float) -> floa
                                 start_new_session=True)
         try:
             proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
+        except BaseException:  # timeout, Ctrl-C, or SIGTERM (see stop_on_sigterm): take the ranks down too
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             raise
@@ -92,6 +92,11 @@ def _run(cmd: list[str], env: dict[str, str], log: Path, timeout: float) -> floa
         tail = log.read_text(encoding="utf-8", errors="replace")[-3000:]
         raise RuntimeError(f"{' '.join(cmd[:6])} ... failed (exit {proc.returncode}); log {log}:\n{tail}")
     return wall
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C, so a running path's process group is killed."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 def run_accelbench(s: Settings, out: Path, repeat: int, timeout: float = 1800, label: str = ACCELBENCH) -> RunResult:
@@ -275,12 +280,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     a = parse_args(argv)
+    stop_on_sigterm()
     s = Settings(case=a.case, stage=a.stage, steps=a.steps, mbs=a.mbs, gas=a.gas, seq=a.seq, nproc=a.nproc,
                  seed=a.seed, data=a.data)
     out = Path(a.out) if a.out else Path(tempfile.mkdtemp(prefix="accelbench-compare-"))
     print(f"{a.case} {a.stage}: {a.steps} steps x {a.repeats} repeats, {a.nproc} process(es); logs in {out}",
           flush=True)
     results = run_interleaved(s, out, a.repeats)
+    failed = [r for r in results if "error" in r.summary]
+    if failed:
+        for r in failed:
+            print(f"{r.path} repeat {r.repeat + 1} failed: {r.summary['error']}", file=sys.stderr)
+        return 1
     add_derived(results)
     steady = results[0].summary.get("steady_steps")
     print(f"\nsteady steps per run: {steady} of {a.steps} (warm-up excluded as accelbench's metrics.warmup_steps)")

@@ -589,3 +589,32 @@ def test_run_profile_writes_summaries(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "accelbench", "run", "--steps", "4", "--profile", "3-9"],
                          capture_output=True, text=True, env=env, timeout=60)
     assert bad.returncode == 2 and "--profile '3-9' is impossible" in bad.stderr
+
+
+def test_speed_options_conflicts_and_resume(tmp_path):
+    from accelbench.errors import ConfigError
+    from accelbench.train.profiling import parse_profile_steps
+    from accelbench.train.run import RunOptions, validate
+
+    with pytest.raises(ConfigError, match="contradict"):
+        validate(RunOptions(recompute="1", without=["selective-recompute"]))
+    with pytest.raises(ConfigError):
+        parse_profile_steps("3-", 20)
+    (tmp_path / "run_config.json").write_text("{}")
+    with pytest.raises(ConfigError, match="cannot change a run being resumed"):
+        validate(RunOptions(resume=str(tmp_path), without=["packing"]))
+
+
+def test_back_off_replays_every_layer_before_halving_the_micro_batch():
+    from types import SimpleNamespace
+
+    from accelbench.train.recovery import back_off
+
+    plan = {"LBS": 8, "GAS": 1, "GBS": 16, "gradient_checkpointing": True, "recompute": "auto",
+            "recompute_layers": 0, "adjustments": []}
+    cfg = SimpleNamespace(case="tiny", plans={"finetune": plan})
+    first = back_off(cfg, {"stage": "finetune", "step": 2, "error": "oom"}, {})
+    assert [(a["what"], a["from"], a["to"]) for a in first] == [("recompute_layers", 0, 2)]
+    assert plan["LBS"] == 8 and plan["recompute"] == "all"
+    second = back_off(cfg, {"stage": "finetune", "step": 2, "error": "oom"}, {})
+    assert [(a["what"], a["from"], a["to"]) for a in second] == [("micro_batch", 8, 4), ("grad_accum", 1, 2)]

@@ -32,8 +32,8 @@ def parse_profile_steps(text: str | None, steps: int | None = None) -> tuple[int
     if text is None:
         return None
     try:
-        first, _, last = text.partition("-")
-        span = (int(first), int(last or first))
+        first, dash, last = text.partition("-")
+        span = (int(first), int(last if dash else first))
     except ValueError:
         raise ConfigError(f"--profile {text!r} is not a step range: give N or A-B, e.g. 3-4") from None
     if not 1 <= span[0] <= span[1] or (steps is not None and span[1] > steps):
@@ -85,13 +85,16 @@ class StepProfiler:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         averages = self.prof.key_averages()
         device = self.device_type != "cpu"
-        sort = "self_device_time_total" if device else "self_cpu_time_total"
+        # torch >= 2.4 says "device"; older (vendor) builds only "cuda"
+        dev_attr = "self_device_time_total" if hasattr(averages[0], "self_device_time_total") \
+            else "self_cuda_time_total"
+        sort = dev_attr if device else "self_cpu_time_total"
         write_text_atomic(self.out_dir / "summary.txt", averages.table(sort_by=sort, row_limit=40))
         by_category: dict[str, float] = {}
         for evt in averages:
             if evt.key.startswith(PHASE_PREFIX):  # annotations, not kernels: counted below
                 continue
-            seconds = (evt.self_device_time_total if device else evt.self_cpu_time_total) / 1e6
+            seconds = getattr(evt, dev_attr if device else "self_cpu_time_total") / 1e6
             if seconds > 0:
                 by_category[category(evt.key)] = by_category.get(category(evt.key), 0.0) + seconds
         steps = self.last - self.first + 1

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..cases import get_preset
 from ..errors import AccelbenchError
 from . import checkpoint
 from .metrics import truncate_events
@@ -81,27 +82,40 @@ def smaller_micro_batch(mbs: int) -> int:
 def back_off(cfg: Any, failure: dict[str, Any], result: dict[str, Any]) -> list[dict[str, Any]]:
     """Halve the micro-batch of the stage that ran out of memory and double GAS; returns the adjustments."""
     stage, step, plan = failure["stage"], failure["step"], cfg.plans[failure["stage"]]
+    why = f"out of memory at step {step}: {failure.get('error', '')}"
+    layers = get_preset(cfg.case).llm.layers
+    if plan.get("gradient_checkpointing") and plan.get("recompute") == "auto" \
+            and plan.get("recompute_layers", layers) < layers:
+        # the planner kept layers from replaying to fill the memory: give that back first
+        adjustment = {"what": "recompute_layers", "from": plan["recompute_layers"], "to": layers, "why": why,
+                      "by": "trainer", "stage": stage}
+        plan["recompute_layers"], plan["recompute"] = layers, "all"
+        _record(plan, result, stage, [adjustment])
+        return [adjustment]
     mbs, gas = int(plan["LBS"]), int(plan["GAS"])
     if mbs <= 1:
         raise AccelbenchError(f"out of memory at {stage} step {step} with micro-batch 1: nothing left to back off "
                               f"({failure.get('error', '')}); use more processes, a shorter --seq or --zero-stage 3")
     new = smaller_micro_batch(mbs)
     new_gas = gas * mbs // new
-    why = f"out of memory at step {step}: {failure.get('error', '')}"
     adjustments = [
         {"what": "micro_batch", "from": mbs, "to": new, "why": why, "by": "trainer", "stage": stage},
         {"what": "grad_accum", "from": gas, "to": new_gas, "why": f"keep the global batch at {plan['GBS']}",
          "by": "trainer", "stage": stage},
     ]
     plan["LBS"], plan["GAS"] = new, new_gas
+    _record(plan, result, stage, adjustments)
+    if result:
+        result["stages"][stage]["batch"].update(LBS=new, GAS=new_gas)
+    return adjustments
+
+
+def _record(plan: dict[str, Any], result: dict[str, Any], stage: str, adjustments: list[dict[str, Any]]) -> None:
     plan["adjustments"] = list(plan.get("adjustments", [])) + [{k: v for k, v in a.items() if k != "stage"}
                                                                for a in adjustments]
     if result:
-        entry = result["stages"][stage]
-        entry["plan"] = dict(plan)
-        entry["batch"].update(LBS=new, GAS=new_gas)
+        result["stages"][stage]["plan"] = dict(plan)
         result.setdefault("adjustments", []).extend(adjustments)
-    return adjustments
 
 
 def first_unfinished_stage(cfg: Any) -> str | None:

@@ -58,7 +58,7 @@ def cache_dir() -> Path:
 def validate(opts: RunOptions) -> None:
     """Refuse impossible options before any heavy import (no torch, no transformers)."""
     from ..cases import get_preset
-    from ..plan import LEVERS, check_positive, parse_mbs, parse_recompute
+    from ..plan import check_levers, check_positive, parse_mbs
 
     if opts.save_every is not None:
         check_positive("--save-every", opts.save_every, "give a number of optimizer steps, 1 or more")
@@ -68,6 +68,11 @@ def validate(opts: RunOptions) -> None:
         if not Path(opts.resume, "run_config.json").is_file():
             raise ConfigError(f"--resume {opts.resume!r} is not a run directory (no run_config.json): give the "
                               f"--out folder of an earlier `accelbench run`")
+        given = [o for o, v in (("--recompute", opts.recompute != "auto"), ("--without", bool(opts.without)),
+                                ("--profile", opts.profile is not None)) if v]
+        if given:
+            raise ConfigError(f"{', '.join(given)} cannot change a run being resumed (its plan comes from "
+                              f"run_config.json): drop {'them' if len(given) > 1 else 'it'}, or start a new run")
         opts.launch.check()
         return  # everything else comes from the run being resumed
     preset = get_preset(opts.case)
@@ -77,13 +82,10 @@ def validate(opts: RunOptions) -> None:
     if opts.steps is not None and opts.steps < 1:
         raise ConfigError(f"--steps {opts.steps} is impossible: give 1 or more optimizer steps")
     parse_mbs(opts.mbs)
-    parse_recompute(opts.recompute, preset.llm.layers)
+    check_levers(opts.recompute, opts.without, preset.llm.layers)
     from .profiling import parse_profile_steps
 
     parse_profile_steps(opts.profile, opts.steps or DEFAULT_STEPS)
-    unknown = sorted(set(opts.without) - set(LEVERS))
-    if unknown:
-        raise ConfigError(f"--without {','.join(unknown)}: unknown lever; choose from {', '.join(LEVERS)}")
     check_positive("--gas", opts.gas, "give 1 or more gradient-accumulation steps")
     if not isinstance(opts.seq, int) or not preset.vision.image_tokens < opts.seq <= preset.llm.max_position:
         raise ConfigError(f"--seq {opts.seq} is impossible for {opts.case}: give "
@@ -352,9 +354,8 @@ def _launch_with_backoff(cfg: Any, spec: LaunchSpec, result: dict[str, Any]) -> 
                 cfg.save(run_dir / "run_config.json")  # a later --resume keeps the smaller micro-batch
                 write_result(run_dir, result)
             if not cfg.quiet:
-                print(f"accelbench: {failure['message']}; micro-batch {adjustments[0]['from']} -> "
-                      f"{adjustments[0]['to']}, GAS {adjustments[1]['from']} -> {adjustments[1]['to']}; "
-                      f"restarting {failure['stage']}", file=sys.stderr)
+                changes = ", ".join(f"{a['what']} {a['from']} -> {a['to']}" for a in adjustments)
+                print(f"accelbench: {failure['message']}; {changes}; restarting {failure['stage']}", file=sys.stderr)
 
 
 def _collect_stage_summaries(run_dir: Path, result: dict[str, Any]) -> None:

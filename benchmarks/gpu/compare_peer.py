@@ -92,6 +92,7 @@ GPU_COLUMNS = [
 
 def main(argv: Sequence[str] | None = None) -> int:
     a = parse_args(argv)
+    cc.stop_on_sigterm()
     out = Path(a.out) if a.out else Path(tempfile.mkdtemp(prefix="accelbench-peer-gpu-"))
     data = a.data
     if a.fixed_len:

@@ -25,7 +25,7 @@ for phase in "$@"; do
       python3 -m accelbench info --json > "$OUT/info.json"
       nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$OUT/info.txt" ;;
     liger)
-      timeout 120 python3 benchmarks/gpu/check_liger.py > "$OUT/liger.txt" 2>&1 || WITHOUT=fused-kernels
+      timeout 120 python3 benchmarks/gpu/check_liger.py > "$OUT/liger.txt" 2>&1 || WITHOUT=${WITHOUT:+$WITHOUT,}fused-kernels
       grep -v "Backend impl" "$OUT/liger.txt" | tail -2 ;;
     run7b|run13b)
       timeout 500 python3 -m accelbench run --case "llava1.5-${phase#run}" --nproc-per-node "$NPROC" --steps 12 \
@@ -48,7 +48,7 @@ for phase in "$@"; do
       IFS=- read -r kind size stage <<< "$phase"
       fixed=(); [ "$kind" = fixed ] && fixed=(--fixed-len 1024)
       timeout "${PHASE_TIMEOUT:-400}" python3 benchmarks/gpu/compare_peer.py --case "llava1.5-$size" --stage "$stage" \
-        --path-timeout "${PATH_TIMEOUT:-1800}" \
+        --path-timeout "${PATH_TIMEOUT:-$(( ${PHASE_TIMEOUT:-400} / 2 - 10 ))}" \
         --steps "$STEPS" --nproc "$NPROC" "${fixed[@]}" --out "/tmp/$phase" --json "$OUT/$phase.json" \
         ${WITHOUT:+--without $WITHOUT} ${ABLATE:+--ablate $ABLATE} ${NO_PEER:+--no-peer} 2>&1 | grep -v INFO | tail -24 ;;
     mem7b|mem13b)
