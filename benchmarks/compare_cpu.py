@@ -171,11 +171,16 @@ def run_interleaved(s: Settings, out: Path, repeats: int, *, peer_torchrun: bool
     return results
 
 
+def _events(r: RunResult) -> list[dict[str, Any]]:
+    """An accelbench run's per-step records (events.jsonl)."""
+    return [json.loads(line) for line in Path(r.summary["_events"]).read_text().splitlines() if line.strip()]
+
+
 def step_series(r: RunResult) -> tuple[list[float], list[int]]:
     """Per-step times and real tokens (all processes) of one run: accelbench's events.jsonl, the peer's summary."""
     if r.path == PEER:
         return list(r.summary["step_times"]), list(r.summary["real_tokens"])
-    events = [json.loads(line) for line in Path(r.summary["_events"]).read_text().splitlines() if line.strip()]
+    events = _events(r)
     return [e["time_s"] for e in events], [e["real_tokens"] for e in events]
 
 
@@ -183,8 +188,7 @@ def step_losses(r: RunResult) -> list[float]:
     """Per-step losses of one run: accelbench's events.jsonl, the peer's summary."""
     if r.path == PEER:
         return [float(x) for x in r.summary.get("losses", [])]
-    events = [json.loads(line) for line in Path(r.summary["_events"]).read_text().splitlines() if line.strip()]
-    return [float(e["loss"]) for e in events]
+    return [float(e["loss"]) for e in _events(r)]
 
 
 def loss_curve_gap(a: RunResult, b: RunResult) -> tuple[float, int] | None:

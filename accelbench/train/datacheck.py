@@ -27,6 +27,7 @@ def check_data(cfg: Any) -> dict[str, dict[str, Any]]:
     from .data import load_records, validate_records
 
     tokenizer = _tokenizer(cfg.data.tokenizer)  # the tokenizer only: too_long counts text tokens
+    image_tokens = get_preset(cfg.case).vision.image_tokens
     out: dict[str, dict[str, Any]] = {}
     for stage in cfg.stages:
         json_path = stage_json(cfg, stage)
@@ -43,7 +44,6 @@ def check_data(cfg: Any) -> dict[str, dict[str, Any]]:
                                     "(--bad-samples fail is set; --bad-samples skip drops bad records)")
             raise DataError(f"{stage} data {json_path!r}: {text}") from None
         kept_ids = {id(r) for r in good}
-        image_tokens = get_preset(cfg.case).vision.image_tokens
         lengths = [min(plan["MPE"], n + (image_tokens if r.get("image") is not None else 0))
                    for n, r in zip(text_tokens, good)]
         info = {"json": json_path, "records": len(records), "used": len(good), "bad_records": bad.to_dict(),

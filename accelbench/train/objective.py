@@ -41,7 +41,8 @@ def selected_cross_entropy(lm_head: torch.nn.Module, hidden: torch.Tensor, label
     h, y = h[keep], y[keep]
     n = y.numel()
     pieces = calls if calls is not None else max(1, math.ceil(n / chunk))
-    total = hidden.sum() * 0.0  # keeps the graph (and ZeRO's hooks) intact on a batch without targets
+    # every piece, even an empty one, goes through lm_head: a batch without targets keeps its graph
+    total = hidden.new_zeros((), dtype=torch.float32)
     for hs, ys in zip(torch.tensor_split(h, pieces), torch.tensor_split(y, pieces)):
         total = total + checkpoint(_chunk_loss_sum, lm_head, hs, ys, use_reentrant=False)
     return total / max(n, 1)

@@ -96,7 +96,8 @@ class StepProfiler:
                 continue
             seconds = getattr(evt, dev_attr if device else "self_cpu_time_total") / 1e6
             if seconds > 0:
-                by_category[category(evt.key)] = by_category.get(category(evt.key), 0.0) + seconds
+                cat = category(evt.key)
+                by_category[cat] = by_category.get(cat, 0.0) + seconds
         steps = self.last - self.first + 1
         # the trainer's record_function phases (data, forward, backward, optimizer_step): host time,
         # children included; the host waits for the device wherever ZeRO or the loss needs a value
