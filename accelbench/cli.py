@@ -71,6 +71,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from .backends import load_registry
     from .machine import describe_machine, parse_bytes
     from .plan import build_plan, check_positive
+    from .train.ds_config import load_overrides
 
     check_positive("--nproc", args.nproc, "give the number of processes, 1 or more")
     machine = None
@@ -85,7 +86,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     backend = reg.select(args.backend)
     plan = build_plan(backend, case=args.case, stage=args.stage, nproc=args.nproc, micro_batch=args.mbs,
                       grad_accum=args.gas, seq_len=args.seq, recompute=args.recompute,
-                      without=[w for w in (args.without or "").split(",") if w])
+                      without=[w for w in (args.without or "").split(",") if w],
+                      ds_overrides=load_overrides(args.ds_config) if args.ds_config else None)
     if args.json:
         _print_json(plan.to_dict())
         return 0

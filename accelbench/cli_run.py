@@ -23,7 +23,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         save_every=args.save_every, resume=args.resume,
         hang_timeout=args.hang_timeout, recompute=args.recompute,
         without=[w for w in (args.without or "").split(",") if w], profile=args.profile,
-        launch=LaunchSpec(nproc_per_node=args.nproc_per_node, nnodes=args.nnodes, node_rank=args.node_rank,
+        ds_config=args.ds_config, launch=LaunchSpec(nproc_per_node=args.nproc_per_node, nnodes=args.nnodes, node_rank=args.node_rank,
                           master_addr=args.master_addr, master_port=args.master_port),
     )
     result = run(opts)
@@ -68,7 +68,7 @@ def cmd_eval_mmmu(args: argparse.Namespace) -> int:
 
 
 def add_speed_options(parser: Any) -> None:
-    """--recompute and --without: shared by `run` and `plan`."""
+    """--recompute, --without and --ds-config: shared by `run` and `plan`."""
     from .plan import LEVERS
 
     parser.add_argument("--recompute", default="auto", metavar="auto|all|N",
@@ -76,6 +76,9 @@ def add_speed_options(parser: Any) -> None:
                              "model allows), all, or a number (default auto)")
     parser.add_argument("--without", metavar="LEVER[,LEVER]",
                         help="turn speed levers off, for ablations: " + "; ".join(f"{k}: {v}" for k, v in LEVERS.items()))
+    parser.add_argument("--ds-config", metavar="FILE",
+                        help="DeepSpeed JSON merged over accelbench's config, e.g. ZeRO-3 prefetch and bucket sizes "
+                             "(batch sizes, precision, stage, optimizer and scheduler stay the plan's)")
 
 
 def register(sub: Any) -> None:

@@ -68,6 +68,7 @@ class RunPlan:
     # Tokens in the largest micro-batch the memory estimate assumes: LBS × MPE until the data is known
     micro_batch_tokens: int | None = None
     without: tuple[str, ...] = ()  # levers turned off (LEVERS)
+    ds_overrides: dict[str, Any] = field(default_factory=dict)  # --ds-config, merged over the DeepSpeed config
     env: dict[str, str] = field(default_factory=dict)
     adjustments: list[Adjustment] = field(default_factory=list)
     memory: dict[str, Any] | None = None  # the memory estimate at the chosen micro-batch
@@ -115,7 +116,7 @@ class RunPlan:
             "attn_implementation": self.attn_implementation, "gradient_checkpointing": self.grad_ckpt,
             "packed": self.packed, "kernels": self.kernels, "loss": self.loss, "recompute": self.recompute,
             "recompute_layers": self.recompute_layers, "micro_batch_tokens": self.micro_batch_tokens,
-            "without": list(self.without),
+            "without": list(self.without), "ds_overrides": self.ds_overrides,
             "env": dict(self.env), "adjustments": [a.to_dict() for a in self.adjustments],
             "memory_estimate": self.memory, "usable_memory_bytes": self.usable_memory, "notes": list(self.notes),
         }
@@ -147,7 +148,8 @@ def memory_input(plan: RunPlan, micro_batch: int | None = None) -> Any:
     planned = micro_batch is None
     micro_batch = plan.micro_batch if micro_batch is None else micro_batch
     ds = deepspeed_config(zero_stage=plan.zero_stage, micro_batch=micro_batch, grad_accum=plan.grad_accum,
-                          world_size=plan.nproc, dtype=plan.dtype, hidden_size=plan.preset.llm.hidden)
+                          world_size=plan.nproc, dtype=plan.dtype, hidden_size=plan.preset.llm.hidden,
+                          overrides=plan.ds_overrides)
     return MemoryPlanInput(preset=plan.preset, stage=plan.stage, zero_stage=plan.zero_stage, dp_size=plan.nproc,
                            micro_batch=micro_batch, seq_len=plan.seq_len, dtype=plan.dtype,
                            grad_ckpt=plan.grad_ckpt, attn_impl=plan.attn_implementation, ds_config=ds,
@@ -172,7 +174,7 @@ def estimate(plan: RunPlan, micro_batch: int | None = None) -> Any:
 def build_plan(backend: Any, *, case: str, stage: str, nproc: int = 1, micro_batch: int | str | None = None,
                grad_accum: int = 1, seq_len: int = CASE_SEQ, zero_stage: int | None = None,
                lr: float | None = None, grad_ckpt: bool = True, recompute: int | str = "auto",
-               without: tuple[str, ...] | list[str] = ()) -> RunPlan:
+               without: tuple[str, ...] | list[str] = (), ds_overrides: dict[str, Any] | None = None) -> RunPlan:
     """Resolve a plan for ``backend`` (a ``backends.Backend``) on its machine."""
     preset = get_preset(case)
     if stage not in STAGES:
@@ -199,6 +201,7 @@ def build_plan(backend: Any, *, case: str, stage: str, nproc: int = 1, micro_bat
         lr=(dict(preset.stage_lr).get(stage, defaults.lr) if lr is None else lr), grad_ckpt=grad_ckpt,
         recompute="all" if "selective-recompute" in without else recompute,
         recompute_layers=preset.llm.layers if grad_ckpt else 0, without=tuple(without),
+        ds_overrides=dict(ds_overrides or {}),
     )
     if "target-loss" in without:
         plan.record(plan.change("loss", "hf", "--without target-loss", "user"))

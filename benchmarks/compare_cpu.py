@@ -48,6 +48,7 @@ class Settings:
     data: str | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
     accelbench_args: tuple[str, ...] = ()  # e.g. ("--without", "packing") for an ablation run
+    ds_config: str | None = None  # a DeepSpeed JSON both paths merge over the shared config (the same ZeRO tuning)
 
 
 @dataclass
@@ -110,6 +111,8 @@ def run_accelbench(s: Settings, out: Path, repeat: int, timeout: float = 1800, l
         cmd += ["--mbs", str(s.mbs)]
     if s.data:
         cmd += ["--data", s.data]
+    if s.ds_config:
+        cmd += ["--ds-config", s.ds_config]
     cmd += list(s.accelbench_args)
     wall = _run(cmd, child_env(s), out / "log.txt", timeout)
     summary = json.loads((out / "run" / s.stage / "summary.json").read_text())
@@ -130,6 +133,8 @@ def run_peer(s: Settings, out: Path, repeat: int, timeout: float = 1800, torchru
         args += ["--mbs", str(s.mbs)]
     if s.data:
         args += ["--data", s.data]
+    if s.ds_config:
+        args += ["--ds-config", s.ds_config]
     if torchrun if torchrun is not None else s.nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(s.nproc),
                str(PEER_SCRIPT), *args]

@@ -55,6 +55,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seq", type=int, default=2048, help="model_max_length")
     p.add_argument("--data", help="folder with LLaVA JSON files, images/, tokenizer/ (default: accelbench's synthetic set)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ds-config", help="DeepSpeed JSON merged over the shared config, as `accelbench run --ds-config`")
     p.add_argument("--backend", help="accelbench backend whose DeepSpeed accelerator to install (default: auto)")
     p.add_argument("--workers", type=int, default=0,
                    help="dataloader_num_workers (default 0, as accelbench; LLaVA's scripts use 4)")
@@ -367,7 +368,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
 
     from accelbench.cases import get_preset
     from accelbench.plan import STAGE_DEFAULTS
-    from accelbench.train.ds_config import deepspeed_config
+    from accelbench.train.ds_config import deepspeed_config, load_overrides
     from accelbench.train.metrics import summarize
     from accelbench.train.model import build_model, freeze_for_stage
     from accelbench.train.run import TINY_MBS, RunOptions
@@ -395,7 +396,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     dataset = build_dataset(data, tokenizer, args.stage, preset, args.seq)
 
     ds_config = deepspeed_config(zero_stage=zero_stage, micro_batch=mbs, grad_accum=args.gas, world_size=world,
-                                 dtype=dtype, hidden_size=preset.llm.hidden)
+                                 dtype=dtype, hidden_size=preset.llm.hidden,
+                                 overrides=load_overrides(args.ds_config) if args.ds_config else None)
     if not on_cuda and world > 1:
         # CPU, several processes: accelerate sets the gloo group up itself (use_cpu) but never DeepSpeed's
         # comm layer, whose world size zero.Init reads: start it first, as DeepSpeed documents for

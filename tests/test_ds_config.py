@@ -123,3 +123,35 @@ def test_accepted_by_deepspeed(stage, dtype, monkeypatch):
     else:
         assert ds.zero_config.allgather_bucket_size == 500_000_000
         assert ds.zero_config.reduce_scatter is True
+
+
+def test_user_overrides_file_is_checked_and_reaches_the_plan_and_memory_model(tmp_path):
+    from accelbench.backends import load_registry
+    from accelbench.errors import ConfigError
+    from accelbench.machine import describe_machine
+    from accelbench.plan import build_plan, estimate
+    from accelbench.train.ds_config import load_overrides
+
+    good = tmp_path / "tuned.json"
+    good.write_text(json.dumps({"zero_optimization": {"stage3_prefetch_bucket_size": 500_000_000,
+                                                      "reduce_bucket_size": 500_000_000}}))
+    overrides = load_overrides(str(good))
+    reg = load_registry(machine=describe_machine("NVIDIA H200", 140 * 2**30, count=1))
+    args = dict(case="llava1.5-13b", stage="finetune", nproc=2)
+    plain = build_plan(reg.select("nvidia"), **args)
+    tuned = build_plan(reg.select("nvidia"), **args, ds_overrides=overrides)
+    assert tuned.to_dict()["ds_overrides"] == overrides and plain.to_dict()["ds_overrides"] == {}
+    # a bigger reduce bucket costs memory, and the estimate sees it
+    gib = 2**30
+    assert estimate(tuned).terms["reduce_bucket"] - estimate(plain).terms["reduce_bucket"] == \
+        pytest.approx((500_000_000 - 5120 * 5120) * 2, abs=gib / 100)
+
+    for text, needle in (("{not json", "is not valid JSON"), ("[1]", "must hold a JSON object"),
+                         ('{"train_micro_batch_size_per_gpu": 4}', "set by --mbs"),
+                         ('{"zero_optimization": {"stage": 2}}', "set by --zero-stage")):
+        bad = tmp_path / "bad.json"
+        bad.write_text(text)
+        with pytest.raises(ConfigError, match=needle):
+            load_overrides(str(bad))
+    with pytest.raises(ConfigError, match="cannot be read"):
+        load_overrides(str(tmp_path / "missing.json"))

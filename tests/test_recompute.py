@@ -565,6 +565,27 @@ def test_profile_steps_parse_and_categories():
     assert category("triton_rms_norm_forward") == "other"
 
 
+def test_device_timeline_busy_idle_and_exposed_communication():
+    from accelbench.train.profiling import device_timeline
+
+    def k(name, ts, dur, pid=0):
+        return {"cat": "kernel", "name": name, "ts": ts, "dur": dur, "pid": pid}
+
+    # compute 0-4000 µs and 4500-10000 (a 0.5 ms gap, under the 1 ms threshold) and 12000-14000 (a 2 ms gap);
+    # an all-gather 3000-5000 of which 4000-4500 runs alone; another device's kernel is ignored
+    events = [k("nvjet_gemm", 0, 3000), k("triton_rms", 2000, 2000), k("nvjet_gemm", 4500, 5500),
+              k("ncclDevKernel_AllGather", 3000, 2000), k("nvjet_gemm", 12000, 2000),
+              k("nvjet_gemm", 50000, 9000, pid=1), {"cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 1}]
+    t = device_timeline(events, steps=2)
+    assert t["span_s"] == pytest.approx(0.014 / 2)
+    assert t["compute_busy_s"] == pytest.approx(0.0115 / 2)
+    assert t["compute_busy_share"] == pytest.approx(11.5 / 14)
+    assert t["communication_s"] == pytest.approx(0.002 / 2)
+    assert t["communication_exposed_s"] == pytest.approx(0.0005 / 2)
+    assert t["compute_gaps_over_1ms"] == 0.5 and t["compute_gaps_over_1ms_s"] == pytest.approx(0.001)
+    assert device_timeline([], steps=1) == {}
+
+
 @pytest.mark.slow
 def test_run_profile_writes_summaries(tmp_path):
     import json

@@ -58,6 +58,39 @@ def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# Keys the plan owns: a user file setting them would contradict the batch sizes, precision or stage that
+# the report states. Each maps to the option that sets it.
+_PLAN_OWNED = {"train_micro_batch_size_per_gpu": "--mbs", "gradient_accumulation_steps": "--gas",
+               "train_batch_size": "--mbs and --gas", "bf16": "the case's dtype", "fp16": "the case's dtype",
+               "optimizer": "the trainer (AdamW, the case's --lr)", "scheduler": "the trainer (the case's schedule)"}
+
+
+def load_overrides(path: str) -> dict[str, Any]:
+    """A user's DeepSpeed JSON (``--ds-config``), checked: what it sets is deep-merged over accelbench's
+    config. Keys the plan owns are refused with the option that sets them."""
+    import json
+
+    from ..errors import ConfigError
+
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"--ds-config {path!r} cannot be read ({exc.strerror}): give a DeepSpeed JSON file") from None
+    except ValueError as exc:
+        raise ConfigError(f"--ds-config {path!r} is not valid JSON ({exc}): fix the file") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--ds-config {path!r} must hold a JSON object like "
+                          f'{{"zero_optimization": {{"stage3_prefetch_bucket_size": 500000000}}}}')
+    owned = [f"{k} (set by {_PLAN_OWNED[k]})" for k in data if k in _PLAN_OWNED]
+    if "stage" in (data.get("zero_optimization") or {}):
+        owned.append("zero_optimization.stage (set by --zero-stage)")
+    if owned:
+        raise ConfigError(f"--ds-config {path!r} sets what the plan owns: {', '.join(owned)}; drop "
+                          f"{'them' if len(owned) > 1 else 'it'} from the file")
+    return data
+
+
 def deepspeed_config(
     *,
     zero_stage: int,

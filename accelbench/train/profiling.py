@@ -7,6 +7,7 @@ wall time: matmul, attention, communication, memory copies, other) and ``profile
 """
 from __future__ import annotations
 
+import gzip
 import json
 import time
 from pathlib import Path
@@ -40,6 +41,60 @@ def parse_profile_steps(text: str | None, steps: int | None = None) -> tuple[int
         raise ConfigError(f"--profile {text!r} is impossible: give steps within 1..{steps or 'the step count'}, "
                           f"first <= last (after warm-up, e.g. 3-4)")
     return span
+
+
+def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    merged: list[tuple[float, float]] = []
+    for start, end in sorted(intervals):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def _overlap(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> float:
+    """Length of the intersection of two sorted, disjoint interval lists."""
+    total, i, j = 0.0, 0, 0
+    while i < len(a) and j < len(b):
+        total += max(0.0, min(a[i][1], b[j][1]) - max(a[i][0], b[j][0]))
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return total
+
+
+def device_timeline(trace_events: list[dict[str, Any]], *, steps: int, gap_s: float = 1e-3) -> dict[str, Any]:
+    """Is the device starved? From a chrome trace's kernel events (``cat == "kernel"``, ``ts``/``dur`` in
+    µs) of one device: the time any compute kernel runs, communication not hidden under compute, and
+    idle gaps longer than ``gap_s`` on the compute side (the host or a wait holding the device up).
+    Everything per step, between the first and the last kernel of the profiled span."""
+    kernels = [e for e in trace_events if e.get("cat") == "kernel" and "ts" in e and "dur" in e]
+    if not kernels:
+        return {}
+    device = min(e.get("pid", 0) for e in kernels)  # rank 0's trace holds one device; keep it to one
+    comm, compute = [], []
+    for e in kernels:
+        if e.get("pid", 0) != device:
+            continue
+        span = (float(e["ts"]) / 1e6, (float(e["ts"]) + float(e["dur"])) / 1e6)
+        (comm if category(e.get("name", "")) == "communication" else compute).append(span)
+    compute_u, comm_u = _union(compute), _union(comm)
+    every = compute_u + comm_u
+    span_s = max(e for _, e in every) - min(s for s, _ in every)
+    busy = sum(e - s for s, e in compute_u)
+    comm_s = sum(e - s for s, e in comm_u)
+    gaps = [b[0] - a[1] for a, b in zip(compute_u, compute_u[1:]) if b[0] - a[1] > gap_s]
+    return {
+        "span_s": span_s / steps,
+        "compute_busy_s": busy / steps,
+        "compute_busy_share": busy / span_s if span_s else 0.0,
+        "communication_s": comm_s / steps,
+        "communication_exposed_s": (comm_s - _overlap(compute_u, comm_u)) / steps,
+        f"compute_gaps_over_{gap_s * 1e3:g}ms": len(gaps) / steps,
+        f"compute_gaps_over_{gap_s * 1e3:g}ms_s": sum(gaps) / steps,
+    }
 
 
 def category(name: str) -> str:
@@ -103,11 +158,15 @@ class StepProfiler:
         # children included; the host waits for the device wherever ZeRO or the loss needs a value
         phases = {evt.key.removeprefix(PHASE_PREFIX): evt.cpu_time_total / 1e6 / steps for evt in averages
                   if evt.key.startswith(PHASE_PREFIX)}
+        trace = self.out_dir / "trace.json.gz"
+        self.prof.export_chrome_trace(str(trace))
+        with gzip.open(trace, "rt") as fh:
+            timeline = device_timeline(json.load(fh).get("traceEvents", []), steps=steps) if device else {}
         write_json_atomic(self.out_dir / "summary.json", {
             "steps": [self.first, self.last], "wall_s": wall_s, "basis": "device" if device else "cpu",
             # kernels on different streams overlap (communication with compute): shares may sum above 1
             "seconds_per_step": {k: v / steps for k, v in sorted(by_category.items())},
             "share_of_wall": {k: v / wall_s for k, v in sorted(by_category.items())},
             "phase_host_s_per_step": dict(sorted(phases.items())),
+            "device_timeline": timeline,
         })
-        self.prof.export_chrome_trace(str(self.out_dir / "trace.json.gz"))

@@ -47,6 +47,7 @@ class RunOptions:
     recompute: str = "auto"  # decoder layers replayed: auto (memory model), all, or a number
     without: list[str] = field(default_factory=list)  # levers turned off, for ablations (plan.LEVERS)
     profile: str | None = None  # "A-B": torch.profiler over optimizer steps A..B of each stage
+    ds_config: str | None = None  # a DeepSpeed JSON merged over accelbench's config (ZeRO buckets, prefetch)
 
 
 def cache_dir() -> Path:
@@ -69,7 +70,8 @@ def validate(opts: RunOptions) -> None:
             raise ConfigError(f"--resume {opts.resume!r} is not a run directory (no run_config.json): give the "
                               f"--out folder of an earlier `accelbench run`")
         given = [o for o, v in (("--recompute", opts.recompute != "auto"), ("--without", bool(opts.without)),
-                                ("--profile", opts.profile is not None)) if v]
+                                ("--profile", opts.profile is not None), ("--ds-config", opts.ds_config is not None))
+                 if v]
         if given:
             raise ConfigError(f"{', '.join(given)} cannot change a run being resumed (its plan comes from "
                               f"run_config.json): drop {'them' if len(given) > 1 else 'it'}, or start a new run")
@@ -83,6 +85,10 @@ def validate(opts: RunOptions) -> None:
         raise ConfigError(f"--steps {opts.steps} is impossible: give 1 or more optimizer steps")
     parse_mbs(opts.mbs)
     check_levers(opts.recompute, opts.without, preset.llm.layers)
+    if opts.ds_config is not None:
+        from .ds_config import load_overrides
+
+        load_overrides(opts.ds_config)
     from .profiling import parse_profile_steps
 
     parse_profile_steps(opts.profile, opts.steps or DEFAULT_STEPS)
@@ -184,11 +190,14 @@ def run(opts: RunOptions) -> dict[str, Any]:
     backend = load_registry().select(opts.backend)
     world = opts.launch.world_size
     plans = {}
+    from .ds_config import load_overrides
+
+    overrides = load_overrides(opts.ds_config) if opts.ds_config else None
     for stage in opts.stages:
         mbs = opts.mbs if opts.mbs is not None else (TINY_MBS[stage] if opts.case == "tiny" else None)
         plans[stage] = build_plan(backend, case=opts.case, stage=stage, nproc=world, micro_batch=mbs,
                                   grad_accum=opts.gas, seq_len=opts.seq, zero_stage=opts.zero_stage, lr=opts.lr,
-                                  recompute=opts.recompute, without=opts.without)
+                                  recompute=opts.recompute, without=opts.without, ds_overrides=overrides)
     data = prepare_data(opts, preset.vision.image_size, preset.llm.vocab if opts.case == "tiny" else 1024)
     run_dir = Path(opts.out) if opts.out else default_run_dir(opts.case)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -154,7 +154,8 @@ class StageRunner:
         dataset, sampler, data_info = self.build_data(tokenizer)
         p = self.plan
         ds_config = deepspeed_config(zero_stage=p["zero_stage"], micro_batch=p["LBS"], grad_accum=p["GAS"],
-                                     world_size=self.world_size, dtype=p["dtype"], hidden_size=self.preset.llm.hidden)
+                                     world_size=self.world_size, dtype=p["dtype"], hidden_size=self.preset.llm.hidden,
+                                     overrides=p.get("ds_overrides"))
         if self.rank == 0:
             from ..atomic import write_json_atomic
 

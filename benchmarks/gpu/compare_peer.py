@@ -61,6 +61,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="seconds one path may run before it is recorded as failed and the table printed anyway")
     p.add_argument("--without", default="", metavar="LEVER[,LEVER]",
                    help="levers the main accelbench run goes without (e.g. fused-kernels where Liger is unusable)")
+    p.add_argument("--ds-config", help="DeepSpeed JSON both paths merge over the shared config (ZeRO tuning)")
     a = p.parse_args(argv)
     if a.fixed_len and a.data:
         p.error("--fixed-len builds its own data folder: drop --data")
@@ -101,7 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         data = str(make_fixed_len_data(out / f"data-fixed{a.fixed_len}-{a.case}", case=a.case, length=a.fixed_len,
                                        seed=a.seed))
     s = cc.Settings(case=a.case, stage=a.stage, steps=a.steps, mbs=a.mbs, gas=a.gas, seq=a.seq, nproc=a.nproc,
-                    seed=a.seed, data=data, accelbench_args=("--without", a.without) if a.without else ())
+                    seed=a.seed, data=data, accelbench_args=("--without", a.without) if a.without else (),
+                    ds_config=str(Path(a.ds_config).resolve()) if a.ds_config else None)
     print(f"{a.case} {a.stage}: {a.nproc} GPU(s), mbs {a.mbs or 'default'}, gas {a.gas}, {a.steps} steps x "
           f"{a.repeats} repeat(s), {'fixed ' + str(a.fixed_len) + ' tokens' if a.fixed_len else 'variable lengths'}; "
           f"logs in {out}", flush=True)

@@ -6,6 +6,8 @@
 #         fixed-CASE-STAGE (every sample 1024 tokens, 576 of them image tokens)
 # ABLATE=lever,lever adds one accelbench run per lever without it (peer-/fixed- phases); NO_PEER=1 skips the
 # peer; STEPS (default 10); PHASE_TIMEOUT and PATH_TIMEOUT (seconds per phase and per path).
+# PHASE@NAME (prof-, peer-, fixed- phases) merges benchmarks/gpu/ds/NAME.json over the DeepSpeed config of
+# every path in it (accelbench run --ds-config), e.g. prof-13b-finetune@zero3-prefetch.
 # Everything lands in $OUT (logs, result.json copies, the comparison JSON).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -16,8 +18,10 @@ NPROC=$(nvidia-smi -L | wc -l)
 STEPS=${STEPS:-10}
 WITHOUT=${WITHOUT:-}  # set by the liger phase when the fused kernels are unusable here
 keep() { mkdir -p "$OUT/$2"; cp "$1"/result.json "$1"/report.md "$1"/events.jsonl "$OUT/$2/" 2>/dev/null; cp -r "$1"/failures "$1"/hang "$OUT/$2/" 2>/dev/null; }
-for phase in "$@"; do
-  echo "=== $phase ($(date +%T))"
+for arg in "$@"; do
+  phase=${arg%@*}; tuned=(); label=$phase
+  if [ "$arg" != "$phase" ]; then tuned=(--ds-config "benchmarks/gpu/ds/${arg#*@}.json"); label=$phase-${arg#*@}; fi
+  echo "=== $arg ($(date +%T))"
   case $phase in
     info)
       python3 -m accelbench backends | tee "$OUT/backends.txt"
@@ -40,16 +44,16 @@ for phase in "$@"; do
     prof-*)  # e.g. prof-13b-finetune: torch.profiler over steps 3-4, summaries to $OUT/prof-.../
       IFS=- read -r _ size stage <<< "$phase"
       timeout "${PHASE_TIMEOUT:-400}" python3 -m accelbench run --case "llava1.5-$size" --stages "$stage" \
-        --nproc-per-node "$NPROC" --steps 5 --profile 3-4 --no-eval --out "/tmp/$phase" \
+        --nproc-per-node "$NPROC" --steps 5 --profile 3-4 --no-eval --out "/tmp/$label" "${tuned[@]}" \
         ${WITHOUT:+--without $WITHOUT} 2>&1 | grep -v "INFO\|Backend impl" | tail -8
-      keep "/tmp/$phase" "$phase"; cp "/tmp/$phase/$stage/profile/summary."* "$OUT/$phase/" 2>/dev/null
-      cat "$OUT/$phase/summary.json" 2>/dev/null ;;
+      keep "/tmp/$label" "$label"; cp "/tmp/$label/$stage/profile/summary."* "$OUT/$label/" 2>/dev/null
+      cat "$OUT/$label/summary.json" 2>/dev/null ;;
     peer-*|fixed-*)
       IFS=- read -r kind size stage <<< "$phase"
       fixed=(); [ "$kind" = fixed ] && fixed=(--fixed-len 1024)
       timeout "${PHASE_TIMEOUT:-400}" python3 benchmarks/gpu/compare_peer.py --case "llava1.5-$size" --stage "$stage" \
         --path-timeout "${PATH_TIMEOUT:-$(( ${PHASE_TIMEOUT:-400} / 2 - 10 ))}" \
-        --steps "$STEPS" --nproc "$NPROC" "${fixed[@]}" --out "/tmp/$phase" --json "$OUT/$phase.json" \
+        --steps "$STEPS" --nproc "$NPROC" "${fixed[@]}" "${tuned[@]}" --out "/tmp/$label" --json "$OUT/$label.json" \
         ${WITHOUT:+--without $WITHOUT} ${ABLATE:+--ablate $ABLATE} ${NO_PEER:+--no-peer} 2>&1 | grep -v INFO | tail -24 ;;
     mem7b|mem13b)
       case=llava1.5-${phase#mem}
@@ -61,3 +65,5 @@ for phase in "$@"; do
   esac
 done
 echo "=== done ($(date +%T))"
+# the device tool brings back at most 8 files: everything in one archive
+(cd "$OUT" && tar -czf /tmp/results.tgz . && rm -rf ./* && mv /tmp/results.tgz .)
