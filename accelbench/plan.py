@@ -22,6 +22,7 @@ LEVERS = {
     "target-loss": "transformers' loss (fp32 logits at every position) instead of the target-only chunked loss",
     "fused-kernels": "transformers' own norm/MLP/rotary modules instead of the backend's fused kernels",
     "loader-workers": "load and collate batches in the training process",
+    "zero3-buckets": "LLaVA's ZeRO-3 bucket sizes (hidden², HF's auto) instead of 5e8-element prefetch and reduce buckets",
 }
 
 
@@ -69,6 +70,7 @@ class RunPlan:
     micro_batch_tokens: int | None = None
     without: tuple[str, ...] = ()  # levers turned off (LEVERS)
     ds_overrides: dict[str, Any] = field(default_factory=dict)  # --ds-config, merged over the DeepSpeed config
+    zero3_buckets: bool = False  # resolved: ZeRO-3 runs with ds_config.ZERO3_BUCKETS (lever "zero3-buckets")
     env: dict[str, str] = field(default_factory=dict)
     adjustments: list[Adjustment] = field(default_factory=list)
     memory: dict[str, Any] | None = None  # the memory estimate at the chosen micro-batch
@@ -78,6 +80,12 @@ class RunPlan:
     @property
     def preset(self) -> ModelPreset:
         return get_preset(self.case)
+
+    def deepspeed_overrides(self) -> dict[str, Any]:
+        """What is merged over LLaVA's DeepSpeed config: the tuned ZeRO-3 buckets, then the user's --ds-config."""
+        from .train.ds_config import ZERO3_BUCKETS, deep_merge
+
+        return deep_merge(ZERO3_BUCKETS if self.zero3_buckets else {}, self.ds_overrides)
 
     @property
     def global_batch(self) -> int:
@@ -116,7 +124,8 @@ class RunPlan:
             "attn_implementation": self.attn_implementation, "gradient_checkpointing": self.grad_ckpt,
             "packed": self.packed, "kernels": self.kernels, "loss": self.loss, "recompute": self.recompute,
             "recompute_layers": self.recompute_layers, "micro_batch_tokens": self.micro_batch_tokens,
-            "without": list(self.without), "ds_overrides": self.ds_overrides,
+            "without": list(self.without), "zero3_buckets": self.zero3_buckets,
+            "ds_overrides": self.deepspeed_overrides(),
             "env": dict(self.env), "adjustments": [a.to_dict() for a in self.adjustments],
             "memory_estimate": self.memory, "usable_memory_bytes": self.usable_memory, "notes": list(self.notes),
         }
@@ -149,7 +158,7 @@ def memory_input(plan: RunPlan, micro_batch: int | None = None) -> Any:
     micro_batch = plan.micro_batch if micro_batch is None else micro_batch
     ds = deepspeed_config(zero_stage=plan.zero_stage, micro_batch=micro_batch, grad_accum=plan.grad_accum,
                           world_size=plan.nproc, dtype=plan.dtype, hidden_size=plan.preset.llm.hidden,
-                          overrides=plan.ds_overrides)
+                          overrides=plan.deepspeed_overrides())
     return MemoryPlanInput(preset=plan.preset, stage=plan.stage, zero_stage=plan.zero_stage, dp_size=plan.nproc,
                            micro_batch=micro_batch, seq_len=plan.seq_len, dtype=plan.dtype,
                            grad_ckpt=plan.grad_ckpt, attn_impl=plan.attn_implementation, ds_config=ds,
@@ -260,6 +269,8 @@ def fit_recompute(plan: RunPlan, backend: Any, micro_batch_tokens: int | None = 
         plan.micro_batch_tokens = micro_batch_tokens
     layers = plan.preset.llm.layers
     calibration = backend.memory_calibration()
+    plan.notes = [n for n in plan.notes if not n.startswith((OVER_MEMORY, BUCKETS_NOTE))]  # a re-fit judges afresh
+    _choose_zero3_buckets(plan, calibration)
     if not plan.grad_ckpt:
         plan.recompute_layers = 0
     elif plan.recompute == "all":
@@ -280,11 +291,33 @@ def fit_recompute(plan: RunPlan, backend: Any, micro_batch_tokens: int | None = 
     plan.memory = estimate(plan).to_dict()
     plan.memory["calibration"] = calibration
     plan.memory["calibrated_total"] = plan.memory["total"] * calibration
-    plan.notes = [n for n in plan.notes if not n.startswith(OVER_MEMORY)]  # a re-fit judges afresh
     if plan.usable_memory and plan.memory["calibrated_total"] * 2**30 > plan.usable_memory:
         plan.notes.append(f"{OVER_MEMORY}({plan.memory['calibrated_total']:.1f} GiB) exceeds the "
                           f"{plan.usable_memory / 2**30:.1f} GiB usable: expect out-of-memory (use --mbs auto, "
                           f"--recompute auto or more processes)")
+
+
+BUCKETS_NOTE = "ZeRO-3 buckets stay LLaVA's"
+
+
+def _choose_zero3_buckets(plan: RunPlan, calibration: float) -> None:
+    """Lever "zero3-buckets": the larger prefetch and reduce buckets cost 2 GB of buffers, so ZeRO-3 takes them
+    where they fit with every layer replayed at the plan's largest micro-batch (not on a 32 GiB BI-V150 at
+    micro-batch 4, where they would cost a micro-batch)."""
+    plan.zero3_buckets = plan.zero_stage == 3 and "zero3-buckets" not in plan.without
+    if plan.zero3_buckets and plan.usable_memory:
+        kept, plan.recompute_layers = plan.recompute_layers, plan.preset.llm.layers if plan.grad_ckpt else 0
+        plan.zero3_buckets = estimate(plan).total * calibration <= plan.usable_memory
+        plan.recompute_layers = kept
+        if not plan.zero3_buckets:
+            plan.notes.append(f"{BUCKETS_NOTE} (hidden² elements): 5e8-element ones would not fit at micro-batch "
+                              f"{plan.micro_batch}")
+    plan.adjustments = [a for a in plan.adjustments if a.what != "zero3_buckets"]  # a re-fit replaces the record
+    if plan.zero3_buckets:
+        plan.adjustments.append(Adjustment("zero3_buckets", "hidden² (LLaVA's zero3.json)", "5e8 elements",
+                                           "ZeRO-3 prefetch and reduce buckets of 5e8 elements: fewer, larger "
+                                           "collectives that hide under compute (--without zero3-buckets)",
+                                           "accelbench"))
 
 
 def _resolve_kernels(plan: RunPlan, backend: Any) -> None:

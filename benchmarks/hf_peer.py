@@ -11,7 +11,8 @@ that is not the training framework held equal to accelbench:
   as LLaVA's ``DataCollatorForSupervisedDataset`` does);
 * order: LLaVA's ``group_by_modality_length`` through a ``Trainer`` subclass overriding
   ``_get_train_sampler`` (as ``LLaVATrainer`` does), backed by accelbench's seeded ``LengthGroupedSampler``;
-* DeepSpeed config: the very dict accelbench writes (``ds_config.deepspeed_config``);
+* DeepSpeed config: the very dict accelbench writes (``ds_config.deepspeed_config``), with the same ZeRO-3
+  bucket sizes accelbench's plan chooses (``--llava-zero3-buckets`` for LLaVA's own);
 * optimizer / schedule: the Trainer's own (``optim`` default = torch AdamW, fused where torch has it;
   ``lr_scheduler_type="cosine"``, warm-up ratio 0.03; weight decay 0, LLaVA's).  The config has no
   ``"optimizer"`` entry, so the Trainer creates the torch optimizer and DeepSpeed never JIT-builds FusedAdam.
@@ -56,6 +57,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", help="folder with LLaVA JSON files, images/, tokenizer/ (default: accelbench's synthetic set)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ds-config", help="DeepSpeed JSON merged over the shared config, as `accelbench run --ds-config`")
+    p.add_argument("--llava-zero3-buckets", action="store_true",
+                   help="LLaVA's ZeRO-3 bucket sizes (hidden²) instead of the 5e8-element ones accelbench's plan uses")
     p.add_argument("--backend", help="accelbench backend whose DeepSpeed accelerator to install (default: auto)")
     p.add_argument("--workers", type=int, default=0,
                    help="dataloader_num_workers (default 0, as accelbench; LLaVA's scripts use 4)")
@@ -330,6 +333,14 @@ def make_trainer_class() -> type:
 # --------------------------------------------------------------------------- the run
 
 
+def peer_overrides(args: argparse.Namespace, zero_stage: int) -> dict[str, Any]:
+    """The same DeepSpeed settings accelbench's plan gives DeepSpeed: its ZeRO-3 buckets, then --ds-config."""
+    from accelbench.train.ds_config import ZERO3_BUCKETS, deep_merge, load_overrides
+
+    tuned = ZERO3_BUCKETS if zero_stage == 3 and not args.llava_zero3_buckets else {}
+    return deep_merge(tuned, load_overrides(args.ds_config) if args.ds_config else {})
+
+
 def training_arguments(args: argparse.Namespace, *, mbs: int, lr: float, dtype: str, ds_config: dict[str, Any],
                        on_cuda: bool) -> Any:
     """LLaVA-1.5's script options (scripts/v1_5/*.sh) as TrainingArguments, on transformers 5.x old and new."""
@@ -368,7 +379,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
 
     from accelbench.cases import get_preset
     from accelbench.plan import STAGE_DEFAULTS
-    from accelbench.train.ds_config import deepspeed_config, load_overrides
+    from accelbench.train.ds_config import deepspeed_config
     from accelbench.train.metrics import summarize
     from accelbench.train.model import build_model, freeze_for_stage
     from accelbench.train.run import TINY_MBS, RunOptions
@@ -397,7 +408,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
 
     ds_config = deepspeed_config(zero_stage=zero_stage, micro_batch=mbs, grad_accum=args.gas, world_size=world,
                                  dtype=dtype, hidden_size=preset.llm.hidden,
-                                 overrides=load_overrides(args.ds_config) if args.ds_config else None)
+                                 overrides=peer_overrides(args, zero_stage))
     if not on_cuda and world > 1:
         # CPU, several processes: accelerate sets the gloo group up itself (use_cpu) but never DeepSpeed's
         # comm layer, whose world size zero.Init reads: start it first, as DeepSpeed documents for

@@ -125,26 +125,41 @@ def test_accepted_by_deepspeed(stage, dtype, monkeypatch):
         assert ds.zero_config.reduce_scatter is True
 
 
-def test_user_overrides_file_is_checked_and_reaches_the_plan_and_memory_model(tmp_path):
+def test_zero3_buckets_lever_and_user_overrides_reach_the_plan_and_memory_model(tmp_path):
     from accelbench.backends import load_registry
     from accelbench.errors import ConfigError
     from accelbench.machine import describe_machine
-    from accelbench.plan import build_plan, estimate
+    from accelbench.plan import BUCKETS_NOTE, build_plan, estimate, fit_recompute
     from accelbench.train.ds_config import load_overrides
 
-    good = tmp_path / "tuned.json"
-    good.write_text(json.dumps({"zero_optimization": {"stage3_prefetch_bucket_size": 500_000_000,
-                                                      "reduce_bucket_size": 500_000_000}}))
-    overrides = load_overrides(str(good))
+    user = tmp_path / "tuned.json"
+    user.write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 200_000_000,
+                                                      "stage3_param_persistence_threshold": 1_000_000}}))
     reg = load_registry(machine=describe_machine("NVIDIA H200", 140 * 2**30, count=1))
     args = dict(case="llava1.5-13b", stage="finetune", nproc=2)
-    plain = build_plan(reg.select("nvidia"), **args)
-    tuned = build_plan(reg.select("nvidia"), **args, ds_overrides=overrides)
-    assert tuned.to_dict()["ds_overrides"] == overrides and plain.to_dict()["ds_overrides"] == {}
+    nvidia = reg.select("nvidia")
+    llava = build_plan(nvidia, **args, without=("zero3-buckets",))
+    tuned = build_plan(nvidia, **args)
+    mine = build_plan(nvidia, **args, ds_overrides=load_overrides(str(user)))
+    # with every sample at 2048 tokens (before the data is known) 16 x 2048 tokens leave no room for the buckets;
+    # at the data's bound they fit, and the re-fit takes them
+    assert not tuned.zero3_buckets and any(n.startswith(BUCKETS_NOTE) for n in tuned.notes)
+    for plan in (llava, tuned, mine):
+        fit_recompute(plan, nvidia, micro_batch_tokens=21_000)
+    assert llava.deepspeed_overrides() == {} and not llava.zero3_buckets
+    assert tuned.zero3_buckets and not any(n.startswith(BUCKETS_NOTE) for n in tuned.notes)
+    assert tuned.to_dict()["ds_overrides"] == {"zero_optimization": {"stage3_prefetch_bucket_size": 500_000_000,
+                                                                     "reduce_bucket_size": 500_000_000}}
+    assert [a.what for a in tuned.adjustments].count("zero3_buckets") == 1
+    # the user's file wins over the lever, key by key
+    assert mine.to_dict()["ds_overrides"]["zero_optimization"] == {
+        "stage3_prefetch_bucket_size": 500_000_000, "reduce_bucket_size": 200_000_000,
+        "stage3_param_persistence_threshold": 1_000_000}
+    # ZeRO-2 (pretrain) keeps LLaVA's zero2.json
+    assert not build_plan(nvidia, case="llava1.5-13b", stage="pretrain", nproc=2).zero3_buckets
     # a bigger reduce bucket costs memory, and the estimate sees it
-    gib = 2**30
-    assert estimate(tuned).terms["reduce_bucket"] - estimate(plain).terms["reduce_bucket"] == \
-        pytest.approx((500_000_000 - 5120 * 5120) * 2, abs=gib / 100)
+    assert estimate(tuned).terms["reduce_bucket"] - estimate(llava).terms["reduce_bucket"] == \
+        (500_000_000 - 5120 * 5120) * 2
 
     for text, needle in (("{not json", "is not valid JSON"), ("[1]", "must hold a JSON object"),
                          ('{"train_micro_batch_size_per_gpu": 4}', "set by --mbs"),

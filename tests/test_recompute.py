@@ -303,7 +303,8 @@ def test_parse_recompute():
     for bad in (41, "41", "-1", "x", None, "1.5"):
         with pytest.raises(ConfigError):
             parse_recompute(bad, 40)
-    assert set(LEVERS) == {"packing", "selective-recompute", "target-loss", "fused-kernels", "loader-workers"}
+    assert set(LEVERS) == {"packing", "selective-recompute", "target-loss", "fused-kernels", "loader-workers",
+                           "zero3-buckets"}
 
 
 def test_refit_with_the_data_bound_replaces_the_record(h200):
@@ -582,8 +583,23 @@ def test_device_timeline_busy_idle_and_exposed_communication():
     assert t["compute_busy_share"] == pytest.approx(11.5 / 14)
     assert t["communication_s"] == pytest.approx(0.002 / 2)
     assert t["communication_exposed_s"] == pytest.approx(0.0005 / 2)
-    assert t["compute_gaps_over_1ms"] == 0.5 and t["compute_gaps_over_1ms_s"] == pytest.approx(0.001)
+    assert t["compute_gaps_over_1ms_s"] == pytest.approx(0.001)
+    assert t["largest_gaps_s"] == {"nvjet_gemm -> nvjet_gemm": pytest.approx(0.001)}
+    assert t["kernel_s_by_category"] == {"communication": pytest.approx(0.001), "matmul": pytest.approx(0.0105 / 2),
+                                         "other": pytest.approx(0.001)}
+    assert list(t["top_kernels_s"])[0] == "nvjet_gemm" and len(t["top_kernels_s"]) == 3
     assert device_timeline([], steps=1) == {}
+
+
+def test_phase_times_host_and_device():
+    from accelbench.train.profiling import phase_times
+
+    events = [{"cat": "user_annotation", "name": "accelbench/forward", "ts": 0, "dur": 4000},
+              {"cat": "gpu_user_annotation", "name": "accelbench/forward", "ts": 100, "dur": 6000},
+              {"cat": "user_annotation", "name": "accelbench/forward", "ts": 9000, "dur": 2000},
+              {"cat": "user_annotation", "name": "aten::mm", "ts": 0, "dur": 5}]
+    assert phase_times(events, steps=2) == {"forward": {"host_s": pytest.approx(0.003),
+                                                        "device_s": pytest.approx(0.003)}}
 
 
 @pytest.mark.slow
@@ -602,7 +618,7 @@ def test_run_profile_writes_summaries(tmp_path):
     summary = json.loads((prof / "summary.json").read_text())
     assert summary["steps"] == [2, 3] and summary["wall_s"] > 0 and summary["basis"] == "cpu"
     assert summary["seconds_per_step"]["matmul"] > 0
-    phases = summary["phase_host_s_per_step"]
+    phases = {k: v["host_s"] for k, v in summary["phases_s_per_step"].items()}
     assert set(phases) == {"data", "forward", "backward", "optimizer_step"} and all(v > 0 for v in phases.values())
     assert sum(phases.values()) <= summary["wall_s"] / 2 * 1.05  # per step, within the profiled wall time
     assert "aten::mm" in (prof / "summary.txt").read_text()

@@ -67,34 +67,62 @@ def _overlap(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> floa
 
 def device_timeline(trace_events: list[dict[str, Any]], *, steps: int, gap_s: float = 1e-3) -> dict[str, Any]:
     """Is the device starved? From a chrome trace's kernel events (``cat == "kernel"``, ``ts``/``dur`` in
-    µs) of one device: the time any compute kernel runs, communication not hidden under compute, and
-    idle gaps longer than ``gap_s`` on the compute side (the host or a wait holding the device up).
+    µs) of one device: the time any compute kernel runs, communication not hidden under compute, idle
+    gaps longer than ``gap_s`` on the compute side (the host or a wait holding the device up) with the
+    kernels on either side of the longest ones, and kernel time per category and per kernel.
     Everything per step, between the first and the last kernel of the profiled span."""
     kernels = [e for e in trace_events if e.get("cat") == "kernel" and "ts" in e and "dur" in e]
     if not kernels:
         return {}
     device = min(e.get("pid", 0) for e in kernels)  # rank 0's trace holds one device; keep it to one
     comm, compute = [], []
-    for e in kernels:
-        if e.get("pid", 0) != device:
-            continue
-        span = (float(e["ts"]) / 1e6, (float(e["ts"]) + float(e["dur"])) / 1e6)
-        (comm if category(e.get("name", "")) == "communication" else compute).append(span)
-    compute_u, comm_u = _union(compute), _union(comm)
+    by_category: dict[str, float] = {}
+    by_kernel: dict[str, float] = {}
+    for e in sorted((e for e in kernels if e.get("pid", 0) == device), key=lambda e: float(e["ts"])):
+        name, dur = e.get("name", ""), float(e["dur"]) / 1e6
+        span = (float(e["ts"]) / 1e6, float(e["ts"]) / 1e6 + dur, name)
+        cat = category(name)
+        (comm if cat == "communication" else compute).append(span)
+        by_category[cat] = by_category.get(cat, 0.0) + dur / steps
+        by_kernel[name[:80]] = by_kernel.get(name[:80], 0.0) + dur / steps
+    compute_u, comm_u = _union([c[:2] for c in compute]), _union([c[:2] for c in comm])
     every = compute_u + comm_u
     span_s = max(e for _, e in every) - min(s for s, _ in every)
     busy = sum(e - s for s, e in compute_u)
     comm_s = sum(e - s for s, e in comm_u)
-    gaps = [b[0] - a[1] for a, b in zip(compute_u, compute_u[1:]) if b[0] - a[1] > gap_s]
+    # gaps between consecutive compute kernels (by start), named by the kernels around them
+    gaps: dict[str, float] = {}
+    end, before = compute[0][1], compute[0][2]
+    for start, stop, name in compute[1:]:
+        if start - end > gap_s:
+            key = f"{before[:50]} -> {name[:50]}"
+            gaps[key] = gaps.get(key, 0.0) + (start - end) / steps
+        if stop > end:
+            end, before = stop, name
     return {
         "span_s": span_s / steps,
         "compute_busy_s": busy / steps,
         "compute_busy_share": busy / span_s if span_s else 0.0,
         "communication_s": comm_s / steps,
         "communication_exposed_s": (comm_s - _overlap(compute_u, comm_u)) / steps,
-        f"compute_gaps_over_{gap_s * 1e3:g}ms": len(gaps) / steps,
-        f"compute_gaps_over_{gap_s * 1e3:g}ms_s": sum(gaps) / steps,
+        f"compute_gaps_over_{gap_s * 1e3:g}ms_s": sum(gaps.values()),
+        "largest_gaps_s": dict(sorted(gaps.items(), key=lambda kv: -kv[1])[:8]),
+        "kernel_s_by_category": dict(sorted(by_category.items())),
+        "top_kernels_s": dict(sorted(by_kernel.items(), key=lambda kv: -kv[1])[:12]),
     }
+
+
+def phase_times(trace_events: list[dict[str, Any]], *, steps: int) -> dict[str, dict[str, float]]:
+    """The trainer's record_function phases (data, forward, backward, optimizer_step) per step: on the host
+    (``user_annotation``) and, on a device, the span of the kernels they launched (``gpu_user_annotation``)."""
+    out: dict[str, dict[str, float]] = {}
+    for e in trace_events:
+        name = e.get("name", "")
+        where = {"user_annotation": "host_s", "gpu_user_annotation": "device_s"}.get(e.get("cat", ""))
+        if where and name.startswith(PHASE_PREFIX) and "dur" in e:
+            phase = out.setdefault(name.removeprefix(PHASE_PREFIX), {})
+            phase[where] = phase.get(where, 0.0) + float(e["dur"]) / 1e6 / steps
+    return dict(sorted(out.items()))
 
 
 def category(name: str) -> str:
@@ -145,28 +173,25 @@ class StepProfiler:
             else "self_cuda_time_total"
         sort = dev_attr if device else "self_cpu_time_total"
         write_text_atomic(self.out_dir / "summary.txt", averages.table(sort_by=sort, row_limit=40))
-        by_category: dict[str, float] = {}
-        for evt in averages:
-            if evt.key.startswith(PHASE_PREFIX):  # annotations, not kernels: counted below
-                continue
-            seconds = getattr(evt, dev_attr if device else "self_cpu_time_total") / 1e6
-            if seconds > 0:
-                cat = category(evt.key)
-                by_category[cat] = by_category.get(cat, 0.0) + seconds
         steps = self.last - self.first + 1
-        # the trainer's record_function phases (data, forward, backward, optimizer_step): host time,
-        # children included; the host waits for the device wherever ZeRO or the loss needs a value
-        phases = {evt.key.removeprefix(PHASE_PREFIX): evt.cpu_time_total / 1e6 / steps for evt in averages
-                  if evt.key.startswith(PHASE_PREFIX)}
         trace = self.out_dir / "trace.json.gz"
         self.prof.export_chrome_trace(str(trace))
         with gzip.open(trace, "rt") as fh:
-            timeline = device_timeline(json.load(fh).get("traceEvents", []), steps=steps) if device else {}
+            events = json.load(fh).get("traceEvents", [])
+        timeline = device_timeline(events, steps=steps) if device else {}
+        if device:  # kernels only: operator rows would count each kernel twice
+            per_step = timeline.pop("kernel_s_by_category", {})
+        else:
+            per_step = {}
+            for evt in averages:
+                if not evt.key.startswith(PHASE_PREFIX) and evt.self_cpu_time_total > 0:
+                    cat = category(evt.key)
+                    per_step[cat] = per_step.get(cat, 0.0) + evt.self_cpu_time_total / 1e6 / steps
         write_json_atomic(self.out_dir / "summary.json", {
             "steps": [self.first, self.last], "wall_s": wall_s, "basis": "device" if device else "cpu",
             # kernels on different streams overlap (communication with compute): shares may sum above 1
-            "seconds_per_step": {k: v / steps for k, v in sorted(by_category.items())},
-            "share_of_wall": {k: v / wall_s for k, v in sorted(by_category.items())},
-            "phase_host_s_per_step": dict(sorted(phases.items())),
+            "seconds_per_step": dict(sorted(per_step.items())),
+            "share_of_wall": {k: v * steps / wall_s for k, v in sorted(per_step.items())},
+            "phases_s_per_step": phase_times(events, steps=steps),
             "device_timeline": timeline,
         })

@@ -28,6 +28,16 @@ def cosine_with_warmup(optimizer: torch.optim.Optimizer, total_steps: int, warmu
     return get_cosine_schedule_with_warmup(optimizer, math.ceil(total_steps * warmup_ratio), total_steps)
 
 
+def adamw(params: list[Any], lr: float) -> Any:
+    """torch AdamW with LLaVA's settings, fused into one kernel per parameter chunk where torch has that
+    kernel for the device (the HF Trainer's default, adamw_torch_fused), else the multi-tensor form."""
+    kw = dict(lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
+    try:
+        return torch.optim.AdamW(params, fused=True, **kw)
+    except RuntimeError:  # "fused=True requires ... Tensors of supported devices"
+        return torch.optim.AdamW(params, **kw)
+
+
 class StageRunner:
     """Runs ``stage`` of ``cfg`` on this rank; rank 0 writes events and returns the summary."""
 
@@ -96,7 +106,7 @@ class StageRunner:
         trainable = freeze_for_stage(model, self.stage)
         if self.plan["gradient_checkpointing"]:
             enable_checkpointing(model, self.plan.get("recompute_layers"))
-        optimizer = torch.optim.AdamW(trainable, lr=self.plan["lr"], betas=(0.9, 0.999), weight_decay=0.0)
+        optimizer = adamw(trainable, self.plan["lr"])
         scheduler = cosine_with_warmup(optimizer, self.cfg.steps[self.stage])
         p = self.plan
         objective = LlavaObjective(model, p.get("loss", "objective"), uniform_calls=p["zero_stage"] == 3,
