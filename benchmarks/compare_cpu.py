@@ -318,7 +318,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def write_results_json(path: str, results: Sequence[RunResult]) -> None:
+    """Each run's summary and its per-step losses (the curves the loss check compares)."""
     Path(path).write_text(json.dumps([{"path": r.path, "repeat": r.repeat, "wall_s": r.wall_s,
+                                       "step_losses": step_losses(r) if "error" not in r.summary else [],
                                        "summary": r.summary} for r in results], indent=2, default=str))
 
 

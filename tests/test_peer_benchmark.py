@@ -38,3 +38,31 @@ def test_peer_runs_tiny_and_reports_finite_throughput_and_loss(tmp_path: Path) -
     assert summary["deepspeed_config"]["zero_optimization"]["stage"] == 3
     assert summary["deepspeed_config"]["zero_allow_untested_optimizer"] is True
     assert "optimizer" not in summary["deepspeed_config"]  # torch AdamW from the Trainer: no FusedAdam JIT
+
+
+def test_gpu_loss_check_uses_every_rounding_only_ablation_as_noise_floor(tmp_path: Path, capsys) -> None:
+    sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT / "benchmarks" / "gpu")]
+    try:
+        import compare_cpu as cc
+        from compare_peer import print_loss_check
+    finally:
+        del sys.path[:2]
+
+    def accel(label: str, losses: list[float]) -> cc.RunResult:
+        events = tmp_path / f"{label.replace(' ', '_')}.jsonl"
+        events.write_text("".join(json.dumps({"stage": "finetune", "step": i + 1, "time_s": 1.0, "real_tokens": 10,
+                                              "loss": x}) + "\n" for i, x in enumerate(losses)))
+        return cc.RunResult(label, 0, {"_events": str(events)}, 1.0)
+
+    mine = accel(cc.ACCELBENCH, [10.0, 8.0, 6.0])
+    peer = cc.RunResult(cc.PEER, 0, {"losses": [10.0, 8.4, 6.0]}, 1.0)
+    ablations = [accel("accelbench --without packing", [10.0, 8.2, 6.0]),
+                 accel("accelbench --without selective-recompute", [10.0, 9.0, 6.0])]  # not rounding-only
+    print_loss_check([mine, peer], ablations)
+    out = capsys.readouterr().out
+    assert "accelbench vs peer: largest per-step relative difference 4.76% (step 2)" in out
+    assert "accelbench vs itself --without packing: 2.44% (step 2)" in out
+    assert "selective-recompute" not in out
+    cc.write_results_json(str(tmp_path / "r.json"), [mine, peer])
+    assert [r["step_losses"] for r in json.loads((tmp_path / "r.json").read_text())] == [[10.0, 8.0, 6.0],
+                                                                                          [10.0, 8.4, 6.0]]
