@@ -119,7 +119,7 @@ def run_accelbench(s: Settings, out: Path, repeat: int, timeout: float = 1800, l
     summary["_events"] = str(out / "run" / "events.jsonl")
     plan = json.loads((out / "run" / "result.json").read_text())["stages"][s.stage]["plan"]
     summary["_plan"] = {k: plan.get(k) for k in ("LBS", "attn_implementation", "packed", "kernels", "loss",
-                                                  "recompute_layers", "micro_batch_tokens", "without")}
+                                                  "recompute_layers", "micro_batch_tokens", "zero3_buckets", "without")}
     return RunResult(label, repeat, summary, wall)
 
 

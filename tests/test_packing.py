@@ -95,3 +95,47 @@ def test_chunked_loss_gradients_match_unchunked():
     assert loss_chunked.item() == pytest.approx(ref.item(), rel=1e-6)
     for a, b in zip(g1, g2):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_step_loss_is_the_global_token_mean_over_ranks_and_micro_batches():
+    """The gradient DeepSpeed builds from accelbench's per-micro-batch losses (each divided by the accumulation
+    steps, then averaged over ranks) is that of the mean over every target token of the step, as the HF
+    Trainer's average_tokens_across_devices; not the mean of per-rank means when target counts differ."""
+    from accelbench.train.stage import step_token_scale
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False)
+    ranks, gas = 2, 2
+    lengths = [[40, 7], [90, 25]]  # tokens per micro-batch, per rank: very different target counts
+    batches = []
+    for r in range(ranks):
+        for m in range(gas):
+            labels = torch.randint(0, 50, (1, lengths[r][m]))
+            labels[0, : lengths[r][m] // 3] = IGNORE_INDEX
+            batches.append((r, torch.randn(1, lengths[r][m], 16), labels))
+    scale = step_token_scale([y for _, _, y in batches], torch.device("cpu"), ranks * gas)  # as after all_reduce
+    ours = sum(selected_cross_entropy(head, h, y, num_items=scale) / gas for _, h, y in batches) / ranks
+    grad = torch.autograd.grad(ours, head.weight)[0]
+
+    h_all = torch.cat([h[0, :-1] for _, h, _ in batches])
+    y_all = torch.cat([y[0, 1:] for _, _, y in batches])
+    token_mean = F.cross_entropy(head(h_all), y_all, ignore_index=IGNORE_INDEX)
+    assert ours.item() == pytest.approx(token_mean.item(), rel=1e-6)
+    assert torch.allclose(grad, torch.autograd.grad(token_mean, head.weight)[0], atol=1e-7)
+    one = torch.tensor(1.0)
+    rank_means = sum(sum(selected_cross_entropy(head, h, y, num_items=one) for r2, h, y in batches if r2 == r)
+                     / sum(int((y[:, 1:] != IGNORE_INDEX).sum()) for r2, _, y in batches if r2 == r)
+                     for r in range(ranks)) / ranks
+    assert abs(rank_means.item() - token_mean.item()) > 1e-3  # the weighting this replaces differs
+
+
+def test_both_losses_divide_the_target_sum_by_num_items(model, samples):
+    packed = collate_packed(samples, pad_token_id=0)
+    inputs = {k: packed[k] for k in ("input_ids", "labels", "pixel_values", "position_ids", "cu_seq_lens_q",
+                                     "cu_seq_lens_k", "max_length_q", "max_length_k")}
+    targets = int((packed["labels"][:, 1:] != IGNORE_INDEX).sum())
+    with torch.no_grad():
+        mean = LlavaObjective(model)(**inputs)
+        for loss in ("objective", "hf"):
+            scaled = LlavaObjective(model, loss)(**inputs, num_items=torch.tensor(1000.0))
+            assert scaled.item() == pytest.approx(mean.item() * targets / 1000, rel=1e-5), loss

@@ -29,8 +29,10 @@ def lm_head_calls(max_tokens: int, chunk: int = CHUNK_TOKENS) -> int:
 
 
 def selected_cross_entropy(lm_head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
-                           chunk: int = CHUNK_TOKENS, calls: int | None = None) -> torch.Tensor:
-    """Mean next-token cross-entropy over positions whose label is a target (same value as HF's loss).
+                           chunk: int = CHUNK_TOKENS, calls: int | None = None,
+                           num_items: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean next-token cross-entropy over positions whose label is a target (same value as HF's loss);
+    with ``num_items``, the sum over them divided by that count instead (HF's ``num_items_in_batch``).
 
     ``calls``: run lm_head exactly this many times (some chunks may be empty).  Under ZeRO-3 every
     lm_head call gathers its weight with a collective, so all ranks must make the same number of
@@ -45,7 +47,7 @@ def selected_cross_entropy(lm_head: torch.nn.Module, hidden: torch.Tensor, label
     total = hidden.new_zeros((), dtype=torch.float32)
     for hs, ys in zip(torch.tensor_split(h, pieces), torch.tensor_split(y, pieces)):
         total = total + checkpoint(_chunk_loss_sum, lm_head, hs, ys, use_reentrant=False)
-    return total / max(n, 1)
+    return total / (num_items if num_items is not None else max(n, 1))
 
 
 class LlavaObjective(torch.nn.Module):
@@ -95,13 +97,14 @@ class LlavaObjective(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, pixel_values: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                **attention_kwargs: Any) -> torch.Tensor:
+                num_items: torch.Tensor | None = None, **attention_kwargs: Any) -> torch.Tensor:
+        """The loss: the mean over this micro-batch's targets, or with ``num_items`` their sum divided by it."""
         out = self.llava.model.language_model(inputs_embeds=self.input_embeds(input_ids, pixel_values),
                                               attention_mask=attention_mask, position_ids=position_ids,
                                               use_cache=False, **attention_kwargs)
         if self.loss == "hf":  # transformers' own: logits at every position, upcast to fp32 in its loss
             logits = self.llava.lm_head(out.last_hidden_state)
-            return self.llava.loss_function(logits=logits, labels=labels,
+            return self.llava.loss_function(logits=logits, labels=labels, num_items_in_batch=num_items,
                                             vocab_size=self.llava.config.text_config.vocab_size)
         return selected_cross_entropy(self.llava.lm_head, out.last_hidden_state, labels,
-                                      calls=self.lm_head_calls if self.uniform_calls else None)
+                                      calls=self.lm_head_calls if self.uniform_calls else None, num_items=num_items)

@@ -28,6 +28,19 @@ def cosine_with_warmup(optimizer: torch.optim.Optimizer, total_steps: int, warmu
     return get_cosine_schedule_with_warmup(optimizer, math.ceil(total_steps * warmup_ratio), total_steps)
 
 
+def step_token_scale(labels: list[torch.Tensor], device: torch.device, averaged_over: int) -> torch.Tensor:
+    """The divisor of each micro-batch's target-token loss sum: the targets (shifted labels not ignored)
+    of the step's micro-batches on every rank, over ``averaged_over`` = ranks x micro-batches, since
+    DeepSpeed averages gradients over ranks and divides each micro-batch's loss by the accumulation
+    steps. The gradient is then that of the step's mean over all its target tokens."""
+    import deepspeed.comm as dist
+
+    count = torch.tensor(float(sum(target_tokens(y) for y in labels)), device=device, dtype=torch.float32)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(count)
+    return count.clamp(min=1.0) / averaged_over
+
+
 def adamw(params: list[Any], lr: float) -> Any:
     """torch AdamW with LLaVA's settings, fused into one kernel per parameter chunk where torch has that
     kernel for the device (the HF Trainer's default, adamw_torch_fused), else the multi-tensor form."""
@@ -216,13 +229,17 @@ class StageRunner:
             mflops = hflops = 0.0
             losses, ids = [], []
             try:
-                for micro in range(gas):
+                with record_function("accelbench/data"):  # phases named for --profile summaries
+                    step_batches = [next(batches) for _ in range(gas)]
+                    # the step's loss is the mean over every target token of every rank and micro-batch (as
+                    # the HF Trainer's average_tokens_across_devices), not a mean of per-rank means
+                    scale = step_token_scale([b["labels"] for b in step_batches], self.device, self.world_size * gas)
+                for micro, batch in enumerate(step_batches):
                     faults.before_micro_step(self.stage, n, rank=self.rank, micro_batch=mbs, backend=self.backend.name)
-                    with record_function("accelbench/data"):  # phases named for --profile summaries
-                        batch = next(batches)
+                    with record_function("accelbench/data"):
                         inputs = model_inputs(batch, self.device, model.dtype)
                     with record_function("accelbench/forward"):
-                        loss = faults.poison_loss(engine(**inputs), self.stage, n)
+                        loss = faults.poison_loss(engine(**inputs, num_items=scale), self.stage, n)
                     with record_function("accelbench/backward"):
                         engine.backward(loss)
                     if micro < gas - 1:  # the boundary step waits until the loss is known to be finite
@@ -243,10 +260,10 @@ class StageRunner:
                     padded += batch["padded_tokens"]
                     samples += len(batch["ids"])
                 stop_flag = 1.0 if stop is not None and stop.signum else 0.0
-                stats = torch.tensor([real, padded, samples, mflops, hflops, torch.stack(losses).mean().item(),
+                stats = torch.tensor([real, padded, samples, mflops, hflops, torch.stack(losses).sum().item(),
                                       stop_flag], dtype=torch.float64, device=self.device)
                 dist.all_reduce(stats)
-                loss_mean = float(stats[5]) / self.world_size
+                loss_mean = float(stats[5]) / (self.world_size * gas)
                 if not math.isfinite(loss_mean):
                     self._non_finite(engine, n, loss_mean, ids, position_before, elapsed_before + time.perf_counter() - t_stage)
                 with record_function("accelbench/optimizer_step"):
