@@ -589,6 +589,8 @@ def test_device_timeline_busy_idle_and_exposed_communication():
                                          "other": pytest.approx(0.001)}
     assert list(t["top_kernels_s"])[0] == "nvjet_gemm" and len(t["top_kernels_s"]) == 3
     assert device_timeline([], steps=1) == {}
+    only_comm = device_timeline([k("ncclDevKernel_AllGather", 0, 1000)], steps=1)
+    assert only_comm["compute_busy_s"] == 0 and only_comm["communication_exposed_s"] == pytest.approx(0.001)
 
 
 def test_phase_times_host_and_device():

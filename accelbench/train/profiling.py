@@ -92,7 +92,7 @@ def device_timeline(trace_events: list[dict[str, Any]], *, steps: int, gap_s: fl
     comm_s = sum(e - s for s, e in comm_u)
     # gaps between consecutive compute kernels (by start), named by the kernels around them
     gaps: dict[str, float] = {}
-    end, before = compute[0][1], compute[0][2]
+    end, before = compute[0][1:] if compute else (0.0, "")
     for start, stop, name in compute[1:]:
         if start - end > gap_s:
             key = f"{before[:50]} -> {name[:50]}"
