@@ -6,7 +6,7 @@ backend's adjust hook applies vendor limits. Every change is an ``Adjustment``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .capabilities import Adjustment
@@ -306,9 +306,8 @@ def _choose_zero3_buckets(plan: RunPlan, calibration: float) -> None:
     micro-batch 4, where they would cost a micro-batch)."""
     plan.zero3_buckets = plan.zero_stage == 3 and "zero3-buckets" not in plan.without
     if plan.zero3_buckets and plan.usable_memory:
-        kept, plan.recompute_layers = plan.recompute_layers, plan.preset.llm.layers if plan.grad_ckpt else 0
-        plan.zero3_buckets = estimate(plan).total * calibration <= plan.usable_memory
-        plan.recompute_layers = kept
+        every_layer_replayed = replace(plan, recompute_layers=plan.preset.llm.layers if plan.grad_ckpt else 0)
+        plan.zero3_buckets = estimate(every_layer_replayed).total * calibration <= plan.usable_memory
         if not plan.zero3_buckets:
             plan.notes.append(f"{BUCKETS_NOTE} (hidden² elements): 5e8-element ones would not fit at micro-batch "
                               f"{plan.micro_batch}")

@@ -113,7 +113,8 @@ def test_step_loss_is_the_global_token_mean_over_ranks_and_micro_batches():
             labels = torch.randint(0, 50, (1, lengths[r][m]))
             labels[0, : lengths[r][m] // 3] = IGNORE_INDEX
             batches.append((r, torch.randn(1, lengths[r][m], 16), labels))
-    scale = step_token_scale([y for _, _, y in batches], torch.device("cpu"), ranks * gas)  # as after all_reduce
+    all_targets = sum(int((y[:, 1:] != IGNORE_INDEX).sum()) for _, _, y in batches)  # as after the all_reduce
+    scale = step_token_scale(all_targets, torch.device("cpu"), ranks * gas)
     ours = sum(selected_cross_entropy(head, h, y, num_items=scale) / gas for _, h, y in batches) / ranks
     grad = torch.autograd.grad(ours, head.weight)[0]
 

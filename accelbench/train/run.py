@@ -85,10 +85,6 @@ def validate(opts: RunOptions) -> None:
         raise ConfigError(f"--steps {opts.steps} is impossible: give 1 or more optimizer steps")
     parse_mbs(opts.mbs)
     check_levers(opts.recompute, opts.without, preset.llm.layers)
-    if opts.ds_config is not None:
-        from .ds_config import load_overrides
-
-        load_overrides(opts.ds_config)
     from .profiling import parse_profile_steps
 
     parse_profile_steps(opts.profile, opts.steps or DEFAULT_STEPS)
@@ -179,6 +175,9 @@ def run(opts: RunOptions) -> dict[str, Any]:
     validate(opts)
     if opts.resume is not None:
         return resume(opts)
+    from .ds_config import load_overrides
+
+    overrides = load_overrides(opts.ds_config) if opts.ds_config else None  # checked before any heavy import
     from ..backends import load_registry
     from ..cases import get_preset
     from ..plan import build_plan
@@ -190,9 +189,6 @@ def run(opts: RunOptions) -> dict[str, Any]:
     backend = load_registry().select(opts.backend)
     world = opts.launch.world_size
     plans = {}
-    from .ds_config import load_overrides
-
-    overrides = load_overrides(opts.ds_config) if opts.ds_config else None
     for stage in opts.stages:
         mbs = opts.mbs if opts.mbs is not None else (TINY_MBS[stage] if opts.case == "tiny" else None)
         plans[stage] = build_plan(backend, case=opts.case, stage=stage, nproc=world, micro_batch=mbs,

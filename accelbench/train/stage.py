@@ -28,14 +28,14 @@ def cosine_with_warmup(optimizer: torch.optim.Optimizer, total_steps: int, warmu
     return get_cosine_schedule_with_warmup(optimizer, math.ceil(total_steps * warmup_ratio), total_steps)
 
 
-def step_token_scale(labels: list[torch.Tensor], device: torch.device, averaged_over: int) -> torch.Tensor:
-    """The divisor of each micro-batch's target-token loss sum: the targets (shifted labels not ignored)
-    of the step's micro-batches on every rank, over ``averaged_over`` = ranks x micro-batches, since
+def step_token_scale(targets: int, device: torch.device, averaged_over: int) -> torch.Tensor:
+    """The divisor of each micro-batch's target-token loss sum: ``targets`` (this rank's, in the step's
+    micro-batches) summed over every rank, over ``averaged_over`` = ranks x micro-batches, since
     DeepSpeed averages gradients over ranks and divides each micro-batch's loss by the accumulation
     steps. The gradient is then that of the step's mean over all its target tokens."""
     import deepspeed.comm as dist
 
-    count = torch.tensor(float(sum(target_tokens(y) for y in labels)), device=device, dtype=torch.float32)
+    count = torch.tensor(float(targets), device=device, dtype=torch.float32)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(count)
     return count.clamp(min=1.0) / averaged_over
@@ -231,9 +231,10 @@ class StageRunner:
             try:
                 with record_function("accelbench/data"):  # phases named for --profile summaries
                     step_batches = [next(batches) for _ in range(gas)]
+                    targets = [target_tokens(b["labels"]) for b in step_batches]
                     # the step's loss is the mean over every target token of every rank and micro-batch (as
                     # the HF Trainer's average_tokens_across_devices), not a mean of per-rank means
-                    scale = step_token_scale([b["labels"] for b in step_batches], self.device, self.world_size * gas)
+                    scale = step_token_scale(sum(targets), self.device, self.world_size * gas)
                 for micro, batch in enumerate(step_batches):
                     faults.before_micro_step(self.stage, n, rank=self.rank, micro_batch=mbs, backend=self.backend.name)
                     with record_function("accelbench/data"):
@@ -252,7 +253,7 @@ class StageRunner:
                                     grad_ckpt=p["gradient_checkpointing"],
                                     recompute_layers=p.get("recompute_layers"),
                                     padded_len=None if p.get("packed") else int(batch["input_ids"].shape[1]),
-                                    lm_head_tokens=target_tokens(batch["labels"])
+                                    lm_head_tokens=targets[micro]
                                     if p.get("loss", "objective") == "objective" else None)
                     mflops += fl.model_flops
                     hflops += fl.hardware_flops
