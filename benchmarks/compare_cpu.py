@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -49,6 +49,7 @@ class Settings:
     extra_env: dict[str, str] = field(default_factory=dict)
     accelbench_args: tuple[str, ...] = ()  # e.g. ("--without", "packing") for an ablation run
     ds_config: str | None = None  # a DeepSpeed JSON both paths merge over the shared config (the same ZeRO tuning)
+    peer_args: tuple[str, ...] = ()  # set from accelbench's resolved plan (same_zero_config)
 
 
 @dataclass
@@ -119,7 +120,8 @@ def run_accelbench(s: Settings, out: Path, repeat: int, timeout: float = 1800, l
     summary["_events"] = str(out / "run" / "events.jsonl")
     plan = json.loads((out / "run" / "result.json").read_text())["stages"][s.stage]["plan"]
     summary["_plan"] = {k: plan.get(k) for k in ("LBS", "attn_implementation", "packed", "kernels", "loss",
-                                                  "recompute_layers", "micro_batch_tokens", "zero3_buckets", "without")}
+                                                  "recompute_layers", "micro_batch_tokens", "zero_stage", "zero3_buckets",
+                                                  "without")}
     return RunResult(label, repeat, summary, wall)
 
 
@@ -135,6 +137,7 @@ def run_peer(s: Settings, out: Path, repeat: int, timeout: float = 1800, torchru
         args += ["--data", s.data]
     if s.ds_config:
         args += ["--ds-config", s.ds_config]
+    args += list(s.peer_args)
     if torchrun if torchrun is not None else s.nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(s.nproc),
                str(PEER_SCRIPT), *args]
@@ -143,6 +146,14 @@ def run_peer(s: Settings, out: Path, repeat: int, timeout: float = 1800, torchru
     wall = _run(cmd, child_env(s), out / "log.txt", timeout)
     summary = json.loads((out / "run" / "peer_summary.json").read_text())
     return RunResult(PEER, repeat, summary, wall)
+
+
+def same_zero_config(s: Settings, accelbench: RunResult) -> Settings:
+    """The peer's settings, so that it runs the ZeRO config accelbench's plan resolved: the peer takes the 5e8
+    ZeRO-3 buckets by default, and the planner drops them where they would not fit (plan.py)."""
+    plan = accelbench.summary.get("_plan") or {}
+    llava_buckets = plan.get("zero_stage") == 3 and plan.get("zero3_buckets") is False
+    return replace(s, peer_args=("--llava-zero3-buckets",) if llava_buckets else ())
 
 
 def attempt(path: str, repeat: int, run: Any) -> RunResult:
@@ -166,6 +177,7 @@ def run_interleaved(s: Settings, out: Path, repeats: int, *, peer_torchrun: bool
         for which in order:
             if which == "accelbench":
                 res = attempt(ACCELBENCH, r, lambda: run_accelbench(s, out, r, timeout=timeout))
+                s = same_zero_config(s, res)
             else:
                 res = attempt(PEER, r, lambda: run_peer(s, out, r, timeout=timeout, torchrun=peer_torchrun))
             results.append(res)
@@ -194,13 +206,6 @@ def step_losses(r: RunResult) -> list[float]:
     if r.path == PEER:
         return [float(x) for x in r.summary.get("losses", [])]
     return [float(e["loss"]) for e in _events(r)]
-
-
-def loss_curve_gap(a: RunResult, b: RunResult) -> tuple[float, int] | None:
-    """Largest relative per-step loss difference between two runs over their common steps, and its step."""
-    la, lb = step_losses(a), step_losses(b)
-    gaps = [(abs(x - y) / max(abs(y), 1e-12), i + 1) for i, (x, y) in enumerate(zip(la, lb))]
-    return max(gaps) if gaps else None
 
 
 def best_of_repeats_tps(results: Sequence[RunResult], path: str, world: int) -> float | None:

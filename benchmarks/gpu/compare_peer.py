@@ -33,6 +33,7 @@ sys.path.insert(0, str(HERE.parent))  # benchmarks/: compare_cpu (the shared run
 sys.path.insert(0, str(HERE))
 
 import compare_cpu as cc  # noqa: E402
+import loss_check  # noqa: E402
 
 H200_BF16_PEAK_TFLOPS = 989.4
 
@@ -130,33 +131,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def print_loss_check(results: Sequence[cc.RunResult], ablations: Sequence[cc.RunResult]) -> None:
-    """The loss curves of the two paths, against the bf16 noise floor where it was measured.
-
-    The noise floor is accelbench against itself without a lever that changes only rounding: the same
-    function of the same weights and batches, computed by other kernels (``packing``: padded batches and
-    masked attention, as the peer computes them; ``target-loss``: bf16 logits at every position and one fp32
-    cross-entropy; ``fused-kernels``; ``zero3-buckets``: another reduction order). Any gap between those
-    runs is rounding, amplified by training, not a different objective.
-    """
-    ok = [r for r in results if "error" not in r.summary]
-    mine = next((r for r in ok if r.path == cc.ACCELBENCH), None)
-    peer = next((r for r in ok if r.path == cc.PEER), None)
-    if mine is None:
-        return
-    if peer is not None:
-        gap = cc.loss_curve_gap(mine, peer)
-        if gap:
-            print(f"loss curves, accelbench vs peer: largest per-step relative difference {gap[0]:.2%} (step {gap[1]})")
-    for same in ablations:
-        if same.path.split()[-1] in ROUNDING_ONLY and "error" not in same.summary:
-            gap = cc.loss_curve_gap(mine, same)
-            if gap:
-                print(f"bf16 noise floor, accelbench vs itself {same.path.removeprefix(cc.ACCELBENCH + ' ')}: "
-                      f"{gap[0]:.2%} (step {gap[1]})")
-
-
-# levers whose absence computes the same function in another rounding (see print_loss_check)
-ROUNDING_ONLY = ("packing", "target-loss", "fused-kernels", "zero3-buckets")
+    """accelbench's loss curve against the peer's, and the bf16 noise floor of this call (loss_check.py):
+    repeats of the same path and accelbench without a rounding-only lever."""
+    runs = [r for r in [*results, *ablations] if "error" not in r.summary]
+    repeats = len({r.repeat for r in runs}) > 1
+    print(loss_check.report(loss_check.check(
+        loss_check.Curve(r.path + (f" #{r.repeat + 1}" if repeats else ""), r.path, tuple(cc.step_losses(r)))
+        for r in runs)))
 
 
 def ablate(s: cc.Settings, out: Path, without: str, lever: str, timeout: float) -> cc.RunResult:
