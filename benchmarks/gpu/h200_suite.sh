@@ -65,5 +65,7 @@ for arg in "$@"; do
   esac
 done
 echo "=== done ($(date +%T))"
-# the device tool brings back at most 8 files: everything in one archive
-(cd "$OUT" && tar -czf /tmp/results.tgz . && rm -rf ./* && mv /tmp/results.tgz .)
+# the device tool brings back at most 8 files: everything in one archive, which a later suite run in the same
+# call unpacks and packs again with its own files, so one call gives one flat archive
+(cd "$OUT" && { [ ! -f results.tgz ] || { tar -xzf results.tgz && rm results.tgz; }; } \
+  && tar -czf /tmp/results.tgz . && rm -rf ./* && mv /tmp/results.tgz .)
