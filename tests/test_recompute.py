@@ -576,8 +576,17 @@ def test_device_timeline_busy_idle_and_exposed_communication():
     # an all-gather 3000-5000 of which 4000-4500 runs alone; another device's kernel is ignored
     events = [k("nvjet_gemm", 0, 3000), k("triton_rms", 2000, 2000), k("nvjet_gemm", 4500, 5500),
               k("ncclDevKernel_AllGather", 3000, 2000), k("nvjet_gemm", 12000, 2000),
-              k("nvjet_gemm", 50000, 9000, pid=1), {"cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 1}]
+              k("nvjet_gemm", 50000, 9000, pid=1), {"cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 1},
+              # phases on the device: backward 0-10000 holds the 0.5 ms gap, the optimizer step 10000-14000 the
+              # 2 ms one; another device's phase is ignored
+              {"cat": "gpu_user_annotation", "name": "accelbench/backward", "ts": 0, "dur": 10000, "pid": 0},
+              {"cat": "gpu_user_annotation", "name": "accelbench/backward", "ts": 3000, "dur": 2000, "pid": 0,
+               "tid": 9},  # the same phase's span on the communication stream: counted once
+              {"cat": "gpu_user_annotation", "name": "accelbench/optimizer_step", "ts": 10000, "dur": 4000, "pid": 0},
+              {"cat": "gpu_user_annotation", "name": "accelbench/backward", "ts": 50000, "dur": 9000, "pid": 1}]
     t = device_timeline(events, steps=2)
+    assert t["compute_idle_s_by_phase"] == {"backward": pytest.approx(0.0005 / 2),
+                                            "optimizer_step": pytest.approx(0.002 / 2)}
     assert t["span_s"] == pytest.approx(0.014 / 2)
     assert t["compute_busy_s"] == pytest.approx(0.0115 / 2)
     assert t["compute_busy_share"] == pytest.approx(11.5 / 14)

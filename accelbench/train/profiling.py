@@ -69,7 +69,8 @@ def device_timeline(trace_events: list[dict[str, Any]], *, steps: int, gap_s: fl
     """Is the device starved? From a chrome trace's kernel events (``cat == "kernel"``, ``ts``/``dur`` in
     µs) of one device: the time any compute kernel runs, communication not hidden under compute, idle
     gaps longer than ``gap_s`` on the compute side (the host or a wait holding the device up) with the
-    kernels on either side of the longest ones, and kernel time per category and per kernel.
+    kernels on either side of the longest ones, the compute side's idle time inside each of the trainer's
+    phases (``gpu_user_annotation``), and kernel time per category and per kernel.
     Everything per step, between the first and the last kernel of the profiled span."""
     kernels = [e for e in trace_events if e.get("cat") == "kernel" and "ts" in e and "dur" in e]
     if not kernels:
@@ -99,9 +100,22 @@ def device_timeline(trace_events: list[dict[str, Any]], *, steps: int, gap_s: fl
             gaps[key] = gaps.get(key, 0.0) + (start - end) / steps
         if stop > end:
             end, before = stop, name
+    # where the idle time sits: each trainer phase's device span less the compute in it. The profiler gives a
+    # phase one span per stream it launched on, so the spans are merged first.
+    windows: dict[str, list[tuple[float, float]]] = {}
+    for e in trace_events:
+        name = e.get("name", "")
+        if e.get("cat") == "gpu_user_annotation" and name.startswith(PHASE_PREFIX) and e.get("pid", 0) == device:
+            start = float(e["ts"]) / 1e6
+            windows.setdefault(name.removeprefix(PHASE_PREFIX), []).append((start, start + float(e["dur"]) / 1e6))
+    idle_by_phase = {}
+    for phase, spans in sorted(windows.items()):
+        merged = _union(spans)
+        idle_by_phase[phase] = (sum(e - s for s, e in merged) - _overlap(compute_u, merged)) / steps
     return {
         "span_s": span_s / steps,
         "compute_busy_s": busy / steps,
+        "compute_idle_s_by_phase": idle_by_phase,
         "compute_busy_share": busy / span_s if span_s else 0.0,
         "communication_s": comm_s / steps,
         "communication_exposed_s": (comm_s - _overlap(compute_u, comm_u)) / steps,
