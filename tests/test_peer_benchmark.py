@@ -107,10 +107,27 @@ def test_loss_check_counts_repeats_across_calls_as_noise_and_pairs_every_accelbe
     short.write_text(json.dumps([{"path": "accelbench", "repeat": 0, "step_losses": [4.0, 3.0]}]))
     with pytest.raises(SystemExit, match="short.json: accelbench has 2 steps, other runs 3"):
         loss_check.main([str(first), str(short)])
-    bad = tmp_path / "bad.json"
-    bad.write_text("{")
-    with pytest.raises(SystemExit, match="bad.json: not a compare_peer.py --json file"):
-        loss_check.main([str(bad)])
+    for name, text in (("bad.json", "{"), ("object.json", '{"path": "accelbench"}'), ("binary.json", b"\x1f\x8b\xff")):
+        bad = tmp_path / name
+        bad.write_bytes(text if isinstance(text, bytes) else text.encode())
+        with pytest.raises(SystemExit, match=f"{name}: not a compare_peer.py --json file"):
+            loss_check.main([str(bad)])
+
+    def with_peer_setting(name: str, world: int) -> Path:
+        f = tmp_path / name / "call.json"
+        f.parent.mkdir()
+        f.write_text(json.dumps([{"path": "hf-trainer", "repeat": 0, "step_losses": [4.0, 3.0, 2.0],
+                                  "summary": {"case": "llava1.5-7b", "stage": "finetune", "world_size": world,
+                                              "micro_batch": 16, "grad_accum": 1, "steps": 3}}]))
+        return f
+
+    x2, x4 = with_peer_setting("x2", 2), with_peer_setting("x4", 4)
+    with pytest.raises(SystemExit, match="x4/call.json: another setting than .*x2/call.json"):
+        loss_check.main([str(x2), str(x4)])
+    # same stems from two folders are told apart; peer runs alone measure no cross pair: no verdict, exit 2
+    assert loss_check.main([str(x2), str(with_peer_setting("x2-again", 2))]) == 2
+    out = capsys.readouterr().out
+    assert "x2/call: hf-trainer vs x2-again/call: hf-trainer" in out and "verdict: none" in out
 
 
 def test_peer_takes_the_zero3_buckets_accelbench_plan_resolved() -> None:
@@ -124,7 +141,9 @@ def test_peer_takes_the_zero3_buckets_accelbench_plan_resolved() -> None:
     assert dropped.peer_args == ("--llava-zero3-buckets",)
     assert cc.same_zero_config(dropped, plan(zero_stage=3, zero3_buckets=True)).peer_args == ()
     assert cc.same_zero_config(s, plan(zero_stage=2, zero3_buckets=False)).peer_args == ()  # no ZeRO-3 buckets
-    assert cc.same_zero_config(dropped, cc.RunResult(cc.ACCELBENCH, 0, {"error": "oom"}, 1.0)).peer_args == ()
+    # a failed accelbench run resolved no plan: the peer keeps the config of the last one that did
+    failed = cc.RunResult(cc.ACCELBENCH, 0, {"error": "oom"}, 1.0)
+    assert cc.same_zero_config(dropped, failed).peer_args == ("--llava-zero3-buckets",)
 
 
 def test_loss_check_treats_gaps_under_its_resolution_as_equal() -> None:

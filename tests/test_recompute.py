@@ -586,7 +586,12 @@ def test_device_timeline_busy_idle_and_exposed_communication():
               {"cat": "gpu_user_annotation", "name": "accelbench/backward", "ts": 50000, "dur": 9000, "pid": 1}]
     t = device_timeline(events, steps=2)
     assert t["compute_idle_s_by_phase"] == {"backward": pytest.approx(0.0005 / 2),
-                                            "optimizer_step": pytest.approx(0.002 / 2)}
+                                            "optimizer_step": pytest.approx(0.002 / 2),
+                                            "outside_phases": pytest.approx(0.0)}
+    # without the optimizer step's span its 2 ms gap is idle outside every phase
+    no_step = device_timeline([e for e in events if e["name"] != "accelbench/optimizer_step"], steps=2)
+    assert no_step["compute_idle_s_by_phase"] == {"backward": pytest.approx(0.0005 / 2),
+                                                  "outside_phases": pytest.approx(0.002 / 2)}
     assert t["span_s"] == pytest.approx(0.014 / 2)
     assert t["compute_busy_s"] == pytest.approx(0.0115 / 2)
     assert t["compute_busy_share"] == pytest.approx(11.5 / 14)

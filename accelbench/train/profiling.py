@@ -101,17 +101,23 @@ def device_timeline(trace_events: list[dict[str, Any]], *, steps: int, gap_s: fl
         if stop > end:
             end, before = stop, name
     # where the idle time sits: each trainer phase's device span less the compute in it. The profiler gives a
-    # phase one span per stream it launched on, so the spans are merged first.
+    # phase one span per stream it launched on, so the spans are merged first. A span runs from the phase's
+    # first kernel to its last: idle time before it (host work, a wait) falls outside every phase.
     windows: dict[str, list[tuple[float, float]]] = {}
     for e in trace_events:
         name = e.get("name", "")
-        if e.get("cat") == "gpu_user_annotation" and name.startswith(PHASE_PREFIX) and e.get("pid", 0) == device:
+        if (e.get("cat") == "gpu_user_annotation" and name.startswith(PHASE_PREFIX) and "ts" in e and "dur" in e
+                and e.get("pid", 0) == device):
             start = float(e["ts"]) / 1e6
             windows.setdefault(name.removeprefix(PHASE_PREFIX), []).append((start, start + float(e["dur"]) / 1e6))
-    idle_by_phase = {}
-    for phase, spans in sorted(windows.items()):
+
+    def idle_in(spans: list[tuple[float, float]]) -> float:
         merged = _union(spans)
-        idle_by_phase[phase] = (sum(e - s for s, e in merged) - _overlap(compute_u, merged)) / steps
+        return (sum(b - a for a, b in merged) - _overlap(compute_u, merged)) / steps
+
+    idle_by_phase = {phase: idle_in(spans) for phase, spans in sorted(windows.items())}
+    if windows:
+        idle_by_phase["outside_phases"] = (span_s - busy) / steps - idle_in([w for v in windows.values() for w in v])
     return {
         "span_s": span_s / steps,
         "compute_busy_s": busy / steps,

@@ -65,7 +65,14 @@ for arg in "$@"; do
   esac
 done
 echo "=== done ($(date +%T))"
-# the device tool brings back at most 8 files: everything in one archive, which a later suite run in the same
-# call unpacks and packs again with its own files, so one call gives one flat archive
-(cd "$OUT" && { [ ! -f results.tgz ] || { tar -xzf results.tgz && rm results.tgz; }; } \
-  && tar -czf /tmp/results.tgz . && rm -rf ./* && mv /tmp/results.tgz .)
+# the device tool brings back at most 8 files: everything in one archive. An earlier suite run in the same call
+# left its own archive: its files join this one, renamed earlier-NAME where this run wrote the same name.
+cd "$OUT" || exit 1
+if [ -f results.tgz ]; then
+  earlier=$(mktemp -d) && tar -xzf results.tgz -C "$earlier" && rm results.tgz
+  (cd "$earlier" && find . -type f) | while read -r f; do
+    dest=$f; [ -e "$dest" ] && dest="$(dirname "$f")/earlier-$(basename "$f")"
+    mkdir -p "$(dirname "$dest")" && mv "$earlier/$f" "$dest"
+  done
+fi
+tar -czf /tmp/results.tgz . && rm -rf ./* && mv /tmp/results.tgz .

@@ -7,7 +7,8 @@ The **noise floor** is the largest per-step relative loss difference between two
 - the same path run again (``--repeats``, or another device call of the same phase);
 - accelbench against itself with a lever off that changes only rounding (``ROUNDING_ONLY``).
 
-The check passes when no accelbench-vs-peer pair differs by more than the floor. Give it the JSON files of
+The check passes when no accelbench-vs-peer pair differs by more than the floor (exit 0; 1: outside; 2: no floor
+or no pair measured). Give it the JSON files of
 ``compare_peer.py --json`` from one or more calls of the same phase on the same machine kind, run by the same code
 (a run from before a change to the objective computes another function):
 
@@ -108,14 +109,38 @@ def check(curves: Iterable[Curve]) -> Verdict:
     return Verdict(floor, cross)
 
 
+# what makes two compare_peer.py files the same phase: the peer's summary of each file
+SETTING_KEYS = ("case", "stage", "world_size", "micro_batch", "grad_accum", "steps")
+
+
+def _read_runs(f: Path) -> list[dict]:
+    try:
+        runs = json.loads(Path(f).read_text())
+    except (OSError, ValueError) as e:  # ValueError: bad JSON or not text at all
+        raise SystemExit(f"{f}: not a compare_peer.py --json file ({e}); give the files its --json wrote")
+    if not isinstance(runs, list) or not all(isinstance(r, dict) and "path" in r for r in runs):
+        raise SystemExit(f"{f}: not a compare_peer.py --json file (a list of runs, each with a 'path'); "
+                         "give the files its --json wrote")
+    return runs
+
+
 def curves_from_json(files: Sequence[Path]) -> list[Curve]:
-    """Each run of each compare_peer.py --json file, labelled by its file (when there are several) and repeat."""
-    curves, steps = [], None
+    """Each run of each compare_peer.py --json file, labelled by its file (when there are several) and repeat.
+    Files of another setting (case, stage, GPUs, batch, steps) or run length are refused."""
+    stems = [Path(f).stem for f in files]
+    names = {f: (stem if stems.count(stem) == 1 else f"{Path(f).parent.name}/{stem}") for f, stem in zip(files, stems)}
+    curves: list[Curve] = []
+    steps, setting = None, None
     for f in files:
-        try:
-            runs = json.loads(Path(f).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise SystemExit(f"{f}: not a compare_peer.py --json file ({e}); give the files its --json wrote")
+        runs = _read_runs(f)
+        peer = next((r["summary"] for r in runs if r["path"] == PEER and isinstance(r.get("summary"), dict)), None)
+        if peer is not None:
+            this = {k: peer.get(k) for k in SETTING_KEYS}
+            if setting is not None and this != setting[1]:
+                raise SystemExit(f"{f}: another setting than {setting[0]} ({this} against {setting[1]}): "
+                                 "give files of the same phase on the same machine kind")
+            setting = setting or (f, this)
+        repeats = len({r.get("repeat", 0) for r in runs}) > 1
         for r in runs:
             losses = tuple(float(x) for x in r.get("step_losses") or ())
             if not losses:
@@ -124,8 +149,8 @@ def curves_from_json(files: Sequence[Path]) -> list[Curve]:
                 raise SystemExit(f"{f}: {r['path']} has {len(losses)} steps, other runs {steps}: "
                                  "give files of the same phase and --steps")
             steps = len(losses)
-            label = r["path"] + (f" #{r['repeat'] + 1}" if r.get("repeat") else "")
-            curves.append(Curve(f"{Path(f).stem}: {label}" if len(files) > 1 else label, r["path"], losses))
+            label = r["path"] + (f" #{r.get('repeat', 0) + 1}" if repeats else "")
+            curves.append(Curve(f"{names[f]}: {label}" if len(files) > 1 else label, r["path"], losses))
     return curves
 
 
@@ -139,7 +164,11 @@ def report(verdict: Verdict) -> str:
                      f"{verdict.largest_floor.value:.2%} (step {verdict.largest_floor.step})")
     for title, gaps in (("same function", verdict.floor), ("accelbench vs peer", verdict.cross)):
         lines += [f"  {title}: {g}" for g in sorted(gaps, key=lambda g: -g.value)]
-    if verdict.within is not None:
+    if verdict.within is None:
+        lines.append("verdict: none: " + ("no noise floor" if verdict.largest_floor is None else
+                                          "no accelbench-vs-peer pair") + " measured (run a repeat or a "
+                     "rounding-only ablation, and both paths)")
+    else:
         lines.append("verdict: " + ("within" if verdict.within else "OUTSIDE") + " the noise floor")
     return "\n".join(lines)
 
@@ -150,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = p.parse_args(argv)
     verdict = check(curves_from_json(a.files))
     print(report(verdict))
-    return 0 if verdict.within else 1
+    return {True: 0, False: 1, None: 2}[verdict.within]
 
 
 if __name__ == "__main__":
