@@ -8,9 +8,9 @@ The **noise floor** is the largest per-step relative loss difference between two
 - accelbench against itself with a lever off that changes only rounding (``ROUNDING_ONLY``).
 
 The check passes when no accelbench-vs-peer pair differs by more than the floor (exit 0; 1: outside; 2: no floor
-or no pair measured). Give it the JSON files of
-``compare_peer.py --json`` from one or more calls of the same phase on the same machine kind, run by the same code
-(a run from before a change to the objective computes another function):
+or no pair measured). Give it the JSON files of ``compare_peer.py --json`` from one or more calls of the same phase
+on the same machine kind, run by the same code (a run from before a change to the objective computes another
+function):
 
     python benchmarks/gpu/loss_check.py docs/measurements/h200-x2-2026-11-28-e/peer-7b-finetune-*.json
 """
