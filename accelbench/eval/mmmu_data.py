@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import io
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,7 +88,9 @@ def parse_options(options: str | list[Any], where: str = "options") -> tuple[lis
     """
     if isinstance(options, str):
         try:
-            value = ast.literal_eval(options)
+            with warnings.catch_warnings():  # LaTeX such as \cos is an invalid escape: kept verbatim
+                warnings.simplefilter("ignore", (SyntaxWarning, DeprecationWarning))
+                value = ast.literal_eval(options)
         except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as exc:
             raise MMMUDataError(
                 f"{where}: cannot parse options {options[:80]!r} as a Python list literal ({exc.__class__.__name__}); "
