@@ -24,7 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
-ACCELBENCH, PEER = "accelbench", "hf-trainer"  # the path names compare_cpu.py gives the runs
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: compare_cpu names the runs' paths
+from compare_cpu import ACCELBENCH, PEER  # noqa: E402
+
 # levers whose absence computes the same function in another rounding: padded batches and masked attention
 # (as the peer computes them), bf16 logits at every position, transformers' own modules, another reduction order
 ROUNDING_ONLY = ("packing", "target-loss", "fused-kernels", "zero3-buckets")
