@@ -82,10 +82,9 @@ class RunPlan:
         return get_preset(self.case)
 
     def deepspeed_overrides(self) -> dict[str, Any]:
-        """What is merged over LLaVA's DeepSpeed config: the tuned ZeRO-3 buckets, then the user's --ds-config."""
-        from .train.ds_config import ZERO3_BUCKETS, deep_merge
+        from .train.ds_config import tuned_overrides
 
-        return deep_merge(ZERO3_BUCKETS if self.zero3_buckets else {}, self.ds_overrides)
+        return tuned_overrides(self.zero3_buckets, self.ds_overrides)
 
     @property
     def global_batch(self) -> int:

@@ -335,10 +335,10 @@ def make_trainer_class() -> type:
 
 def peer_overrides(args: argparse.Namespace, zero_stage: int) -> dict[str, Any]:
     """The same DeepSpeed settings accelbench's plan gives DeepSpeed: its ZeRO-3 buckets, then --ds-config."""
-    from accelbench.train.ds_config import ZERO3_BUCKETS, deep_merge, load_overrides
+    from accelbench.train.ds_config import load_overrides, tuned_overrides
 
-    tuned = ZERO3_BUCKETS if zero_stage == 3 and not args.llava_zero3_buckets else {}
-    return deep_merge(tuned, load_overrides(args.ds_config) if args.ds_config else {})
+    return tuned_overrides(zero_stage == 3 and not args.llava_zero3_buckets,
+                           load_overrides(args.ds_config) if args.ds_config else None)
 
 
 def training_arguments(args: argparse.Namespace, *, mbs: int, lr: float, dtype: str, ds_config: dict[str, Any],

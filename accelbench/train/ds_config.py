@@ -67,6 +67,12 @@ ZERO3_BUCKETS: dict[str, Any] = {"zero_optimization": {"stage3_prefetch_bucket_s
                                                        "reduce_bucket_size": 500_000_000}}
 
 
+def tuned_overrides(zero3_buckets: bool, user: dict[str, Any] | None) -> dict[str, Any]:
+    """What is merged over LLaVA's DeepSpeed config: the tuned ZeRO-3 buckets where chosen, then the user's
+    --ds-config. The plan and the HF Trainer peer both build theirs here, so their configs stay the same."""
+    return deep_merge(ZERO3_BUCKETS if zero3_buckets else {}, user or {})
+
+
 # Keys the plan owns: a user file setting them would contradict the batch sizes, precision or stage that
 # the report states. Each maps to the option that sets it.
 _PLAN_OWNED = {"train_micro_batch_size_per_gpu": "--mbs", "gradient_accumulation_steps": "--gas",
