@@ -612,6 +612,8 @@ def test_phase_times_host_and_device():
 
     events = [{"cat": "user_annotation", "name": "accelbench/forward", "ts": 0, "dur": 4000},
               {"cat": "gpu_user_annotation", "name": "accelbench/forward", "ts": 100, "dur": 6000},
+              # the same phase's span on another stream, inside the first: counted once
+              {"cat": "gpu_user_annotation", "name": "accelbench/forward", "ts": 2000, "dur": 1000, "tid": 9},
               {"cat": "user_annotation", "name": "accelbench/forward", "ts": 9000, "dur": 2000},
               {"cat": "user_annotation", "name": "aten::mm", "ts": 0, "dur": 5}]
     assert phase_times(events, steps=2) == {"forward": {"host_s": pytest.approx(0.003),

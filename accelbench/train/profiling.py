@@ -43,6 +43,25 @@ def parse_profile_steps(text: str | None, steps: int | None = None) -> tuple[int
     return span
 
 
+def _phase_spans(trace_events: list[dict[str, Any]], cat: str,
+                 pid: Any = None) -> dict[str, list[tuple[float, float]]]:
+    """The trainer's record_function phases as merged (start, end) seconds, per phase: ``cat``
+    ``user_annotation`` for the host, ``gpu_user_annotation`` for the span of the kernels a phase launched
+    (one span per stream it launched on, hence the merge); ``pid`` keeps one device's."""
+    spans: dict[str, list[tuple[float, float]]] = {}
+    for e in trace_events:
+        name = e.get("name", "")
+        if (e.get("cat") == cat and name.startswith(PHASE_PREFIX) and "ts" in e and "dur" in e
+                and (pid is None or e.get("pid", 0) == pid)):
+            start = float(e["ts"]) / 1e6
+            spans.setdefault(name.removeprefix(PHASE_PREFIX), []).append((start, start + float(e["dur"]) / 1e6))
+    return {phase: _union(v) for phase, v in sorted(spans.items())}
+
+
+def _length(intervals: list[tuple[float, float]]) -> float:
+    return sum(end - start for start, end in intervals)
+
+
 def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
     merged: list[tuple[float, float]] = []
     for start, end in sorted(intervals):
@@ -89,8 +108,7 @@ def device_timeline(trace_events: list[dict[str, Any]], *, steps: int, gap_s: fl
     compute_u, comm_u = _union([c[:2] for c in compute]), _union([c[:2] for c in comm])
     every = compute_u + comm_u
     span_s = max(e for _, e in every) - min(s for s, _ in every)
-    busy = sum(e - s for s, e in compute_u)
-    comm_s = sum(e - s for s, e in comm_u)
+    busy, comm_s = _length(compute_u), _length(comm_u)
     # gaps between consecutive compute kernels (by start), named by the kernels around them
     gaps: dict[str, float] = {}
     end, before = compute[0][1:] if compute else (0.0, "")
@@ -100,24 +118,14 @@ def device_timeline(trace_events: list[dict[str, Any]], *, steps: int, gap_s: fl
             gaps[key] = gaps.get(key, 0.0) + (start - end) / steps
         if stop > end:
             end, before = stop, name
-    # where the idle time sits: each trainer phase's device span less the compute in it. The profiler gives a
-    # phase one span per stream it launched on, so the spans are merged first. A span runs from the phase's
-    # first kernel to its last: idle time before it (host work, a wait) falls outside every phase.
-    windows: dict[str, list[tuple[float, float]]] = {}
-    for e in trace_events:
-        name = e.get("name", "")
-        if (e.get("cat") == "gpu_user_annotation" and name.startswith(PHASE_PREFIX) and "ts" in e and "dur" in e
-                and e.get("pid", 0) == device):
-            start = float(e["ts"]) / 1e6
-            windows.setdefault(name.removeprefix(PHASE_PREFIX), []).append((start, start + float(e["dur"]) / 1e6))
-
-    def idle_in(spans: list[tuple[float, float]]) -> float:
-        merged = _union(spans)
-        return (sum(b - a for a, b in merged) - _overlap(compute_u, merged)) / steps
-
-    idle_by_phase = {phase: idle_in(spans) for phase, spans in sorted(windows.items())}
+    # where the idle time sits: each trainer phase's device span less the compute in it. A span runs from the
+    # phase's first kernel to its last: idle time before it (host work, a wait) falls outside every phase.
+    windows = _phase_spans(trace_events, "gpu_user_annotation", pid=device)
+    idle_by_phase = {phase: (_length(w) - _overlap(compute_u, w)) / steps for phase, w in windows.items()}
     if windows:
-        idle_by_phase["outside_phases"] = (span_s - busy) / steps - idle_in([w for v in windows.values() for w in v])
+        every_phase = _union([w for v in windows.values() for w in v])
+        idle_inside = _length(every_phase) - _overlap(compute_u, every_phase)
+        idle_by_phase["outside_phases"] = (span_s - busy - idle_inside) / steps
     return {
         "span_s": span_s / steps,
         "compute_busy_s": busy / steps,
@@ -136,12 +144,9 @@ def phase_times(trace_events: list[dict[str, Any]], *, steps: int) -> dict[str, 
     """The trainer's record_function phases (data, forward, backward, optimizer_step) per step: on the host
     (``user_annotation``) and, on a device, the span of the kernels they launched (``gpu_user_annotation``)."""
     out: dict[str, dict[str, float]] = {}
-    for e in trace_events:
-        name = e.get("name", "")
-        where = {"user_annotation": "host_s", "gpu_user_annotation": "device_s"}.get(e.get("cat", ""))
-        if where and name.startswith(PHASE_PREFIX) and "dur" in e:
-            phase = out.setdefault(name.removeprefix(PHASE_PREFIX), {})
-            phase[where] = phase.get(where, 0.0) + float(e["dur"]) / 1e6 / steps
+    for where, cat in (("host_s", "user_annotation"), ("device_s", "gpu_user_annotation")):
+        for phase, spans in _phase_spans(trace_events, cat).items():
+            out.setdefault(phase, {})[where] = _length(spans) / steps
     return dict(sorted(out.items()))
 
 
