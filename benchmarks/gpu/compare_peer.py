@@ -133,11 +133,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def print_loss_check(results: Sequence[cc.RunResult], ablations: Sequence[cc.RunResult]) -> None:
     """accelbench's loss curve against the peer's, and the bf16 noise floor of this call (loss_check.py):
     repeats of the same path and accelbench without a rounding-only lever."""
-    runs = [r for r in [*results, *ablations] if "error" not in r.summary]
-    repeats = len({r.repeat for r in runs}) > 1
-    print(loss_check.report(loss_check.check(
-        loss_check.Curve(r.path + (f" #{r.repeat + 1}" if repeats else ""), r.path, tuple(cc.step_losses(r)))
-        for r in runs)))
+    runs = [{"path": r.path, "repeat": r.repeat, "step_losses": cc.step_losses(r)}
+            for r in [*results, *ablations] if "error" not in r.summary]
+    print(loss_check.report(loss_check.check(loss_check.curves(runs))))
 
 
 def ablate(s: cc.Settings, out: Path, without: str, lever: str, timeout: float) -> cc.RunResult:

@@ -126,12 +126,25 @@ def _read_runs(f: Path) -> list[dict]:
     return runs
 
 
+def curves(runs: Sequence[dict], name: str | None = None) -> list[Curve]:
+    """The curves of one call's runs (``compare_peer.py --json`` records: path, repeat, step_losses),
+    labelled by path, repeat (when the call made several) and ``name``."""
+    repeats = len({r.get("repeat", 0) for r in runs}) > 1
+    out = []
+    for r in runs:
+        losses = tuple(float(x) for x in r.get("step_losses") or ())
+        if losses:
+            label = r["path"] + (f" #{r.get('repeat', 0) + 1}" if repeats else "")
+            out.append(Curve(f"{name}: {label}" if name else label, r["path"], losses))
+    return out
+
+
 def curves_from_json(files: Sequence[Path]) -> list[Curve]:
     """Each run of each compare_peer.py --json file, labelled by its file (when there are several) and repeat.
     Files of another setting (case, stage, GPUs, batch, steps) or run length are refused."""
     stems = [Path(f).stem for f in files]
     names = {f: (stem if stems.count(stem) == 1 else f"{Path(f).parent.name}/{stem}") for f, stem in zip(files, stems)}
-    curves: list[Curve] = []
+    out: list[Curve] = []
     steps, setting = None, None
     for f in files:
         runs = _read_runs(f)
@@ -142,18 +155,13 @@ def curves_from_json(files: Sequence[Path]) -> list[Curve]:
                 raise SystemExit(f"{f}: another setting than {setting[0]} ({this} against {setting[1]}): "
                                  "give files of the same phase on the same machine kind")
             setting = setting or (f, this)
-        repeats = len({r.get("repeat", 0) for r in runs}) > 1
-        for r in runs:
-            losses = tuple(float(x) for x in r.get("step_losses") or ())
-            if not losses:
-                continue
-            if steps is not None and len(losses) != steps:
-                raise SystemExit(f"{f}: {r['path']} has {len(losses)} steps, other runs {steps}: "
+        for c in curves(runs, names[f] if len(files) > 1 else None):
+            if steps is not None and len(c.losses) != steps:
+                raise SystemExit(f"{f}: {c.path} has {len(c.losses)} steps, other runs {steps}: "
                                  "give files of the same phase and --steps")
-            steps = len(losses)
-            label = r["path"] + (f" #{r.get('repeat', 0) + 1}" if repeats else "")
-            curves.append(Curve(f"{names[f]}: {label}" if len(files) > 1 else label, r["path"], losses))
-    return curves
+            steps = len(c.losses)
+            out.append(c)
+    return out
 
 
 def report(verdict: Verdict) -> str:
