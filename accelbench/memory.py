@@ -159,6 +159,13 @@ def _zero_cfg(inp: MemoryPlanInput) -> dict[str, Any]:
     return zero
 
 
+def _leaf_layers(zero: dict[str, Any]) -> bool:
+    """Whether the ZeRO config makes each decoder layer one fetch unit (lever "zero3-leaf-layers")."""
+    from accelbench.train.ds_config import DECODER_LAYER_CLASS, leaf_layer_classes
+
+    return DECODER_LAYER_CLASS in leaf_layer_classes(zero)
+
+
 def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -309,8 +316,12 @@ def _backward_terms(inp: MemoryPlanInput, zero: dict[str, Any]) -> dict[str, int
     else:
         terms["layer_backward"] = layer_ws
 
-    # Full-size gradient of the largest trainable tensor before it is copied into the bucket.
-    terms["largest_param_grad"] = _largest_trainable_tensor(p, inp.stage) * b
+    # Full-size gradient of the largest trainable tensor before it is copied into the bucket. A ZeRO-3 leaf
+    # decoder layer hands its gradients over only when its whole backward is done: all of them live at once.
+    grad_held = _largest_trainable_tensor(p, inp.stage)
+    if inp.zero_stage == 3 and inp.stage == "finetune" and _leaf_layers(zero):
+        grad_held = max(grad_held, t.layer_params)
+    terms["largest_param_grad"] = grad_held * b
     if inp.zero_stage == 3:
         terms["params_gathered"] = _gathered_params(inp, zero) * b
     elif inp.stage == "finetune":

@@ -304,7 +304,7 @@ def test_parse_recompute():
         with pytest.raises(ConfigError):
             parse_recompute(bad, 40)
     assert set(LEVERS) == {"packing", "selective-recompute", "target-loss", "fused-kernels", "loader-workers",
-                           "zero3-buckets"}
+                           "zero3-buckets", "zero3-leaf-layers"}
 
 
 def test_refit_with_the_data_bound_replaces_the_record(h200):

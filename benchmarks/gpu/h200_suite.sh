@@ -5,7 +5,7 @@
 #         peer-CASE-STAGE (e.g. peer-13b-pretrain, peer-13b-finetune, peer-7b-finetune) and
 #         fixed-CASE-STAGE (every sample 1024 tokens, 576 of them image tokens)
 # ABLATE=lever,lever adds one accelbench run per lever without it (peer-/fixed- phases); NO_PEER=1 skips the
-# peer; STEPS (default 10); PHASE_TIMEOUT and PATH_TIMEOUT (seconds per phase and per path).
+# peer; STEPS (default 10); PROF_STEPS (prof- phases, default 5; steps after 4 run unprofiled); PHASE_TIMEOUT and PATH_TIMEOUT (seconds per phase and per path).
 # PHASE@NAME (prof-, peer-, fixed- phases) merges benchmarks/gpu/ds/NAME.json over the DeepSpeed config of
 # every path in it (accelbench run --ds-config), e.g. prof-13b-finetune@zero3-prefetch.
 # Everything lands in $OUT (logs, result.json copies, the comparison JSON).
@@ -44,7 +44,7 @@ for arg in "$@"; do
     prof-*)  # e.g. prof-13b-finetune: torch.profiler over steps 3-4, summaries to $OUT/prof-.../
       IFS=- read -r _ size stage <<< "$phase"
       timeout "${PHASE_TIMEOUT:-400}" python3 -m accelbench run --case "llava1.5-$size" --stages "$stage" \
-        --nproc-per-node "$NPROC" --steps 5 --profile 3-4 --no-eval --out "/tmp/$label" "${tuned[@]}" \
+        --nproc-per-node "$NPROC" --steps "${PROF_STEPS:-5}" --profile 3-4 --no-eval --out "/tmp/$label" "${tuned[@]}" \
         ${WITHOUT:+--without $WITHOUT} 2>&1 | grep -v "INFO\|Backend impl" | tail -8
       keep "/tmp/$label" "$label"; cp "/tmp/$label/$stage/profile/summary."* "$OUT/$label/" 2>/dev/null
       cat "$OUT/$label/summary.json" 2>/dev/null ;;
