@@ -160,7 +160,7 @@ def _zero_cfg(inp: MemoryPlanInput) -> dict[str, Any]:
 
 
 def _leaf_layers(zero: dict[str, Any]) -> bool:
-    """Whether the ZeRO config makes each decoder layer one fetch unit (lever "zero3-leaf-layers")."""
+    """Whether the ZeRO config makes each decoder layer one fetch unit (DeepSpeed's ``leaf_module``)."""
     from accelbench.train.ds_config import DECODER_LAYER_CLASS, leaf_layer_classes
 
     return DECODER_LAYER_CLASS in leaf_layer_classes(zero)
@@ -317,7 +317,7 @@ def _backward_terms(inp: MemoryPlanInput, zero: dict[str, Any]) -> dict[str, int
         terms["layer_backward"] = layer_ws
 
     # Full-size gradient of the largest trainable tensor before it is copied into the bucket. A ZeRO-3 leaf
-    # decoder layer hands its gradients over only when its whole backward is done: all of them live at once.
+    # decoder layer (--ds-config leaf_module) hands its gradients over only after its whole backward: all at once.
     grad_held = _largest_trainable_tensor(p, inp.stage)
     if inp.zero_stage == 3 and inp.stage == "finetune" and _leaf_layers(zero):
         grad_held = max(grad_held, t.layer_params)

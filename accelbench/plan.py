@@ -23,12 +23,7 @@ LEVERS = {
     "fused-kernels": "transformers' own norm/MLP/rotary modules instead of the backend's fused kernels",
     "loader-workers": "load and collate batches in the training process",
     "zero3-buckets": "LLaVA's ZeRO-3 bucket sizes (hidden², HF's auto) instead of 5e8-element prefetch and reduce buckets",
-    "zero3-leaf-layers": "ZeRO-3 fetches and reduces each projection and norm on its own instead of each decoder "
-                         "layer as one unit",
 }
-
-# The levers that change only the DeepSpeed ZeRO-3 config; the HF Trainer peer takes the same (benchmarks/).
-ZERO3_LEVERS = ("zero3-buckets", "zero3-leaf-layers")
 
 
 @dataclass(frozen=True)
@@ -76,7 +71,6 @@ class RunPlan:
     without: tuple[str, ...] = ()  # levers turned off (LEVERS)
     ds_overrides: dict[str, Any] = field(default_factory=dict)  # --ds-config, merged over the DeepSpeed config
     zero3_buckets: bool = False  # resolved: ZeRO-3 runs with ds_config.ZERO3_BUCKETS (lever "zero3-buckets")
-    zero3_leaf_layers: bool = False  # resolved: ds_config.ZERO3_LEAF_LAYERS (lever "zero3-leaf-layers")
     env: dict[str, str] = field(default_factory=dict)
     adjustments: list[Adjustment] = field(default_factory=list)
     memory: dict[str, Any] | None = None  # the memory estimate at the chosen micro-batch
@@ -90,7 +84,7 @@ class RunPlan:
     def deepspeed_overrides(self) -> dict[str, Any]:
         from .train.ds_config import tuned_overrides
 
-        return tuned_overrides(buckets=self.zero3_buckets, leaf_layers=self.zero3_leaf_layers, user=self.ds_overrides)
+        return tuned_overrides(self.zero3_buckets, self.ds_overrides)
 
     @property
     def global_batch(self) -> int:
@@ -130,7 +124,6 @@ class RunPlan:
             "packed": self.packed, "kernels": self.kernels, "loss": self.loss, "recompute": self.recompute,
             "recompute_layers": self.recompute_layers, "micro_batch_tokens": self.micro_batch_tokens,
             "without": list(self.without), "zero3_buckets": self.zero3_buckets,
-            "zero3_leaf_layers": self.zero3_leaf_layers,
             "ds_overrides": self.deepspeed_overrides(),
             "env": dict(self.env), "adjustments": [a.to_dict() for a in self.adjustments],
             "memory_estimate": self.memory, "usable_memory_bytes": self.usable_memory, "notes": list(self.notes),
@@ -276,7 +269,6 @@ def fit_recompute(plan: RunPlan, backend: Any, micro_batch_tokens: int | None = 
     layers = plan.preset.llm.layers
     calibration = backend.memory_calibration()
     plan.notes = [n for n in plan.notes if not n.startswith((OVER_MEMORY, BUCKETS_NOTE))]  # a re-fit judges afresh
-    _choose_zero3_leaf_layers(plan)
     _choose_zero3_buckets(plan, calibration)
     if not plan.grad_ckpt:
         plan.recompute_layers = 0
@@ -305,17 +297,6 @@ def fit_recompute(plan: RunPlan, backend: Any, micro_batch_tokens: int | None = 
 
 
 BUCKETS_NOTE = "ZeRO-3 buckets stay LLaVA's"
-
-
-def _choose_zero3_leaf_layers(plan: RunPlan) -> None:
-    """Lever "zero3-leaf-layers": ZeRO-3 fetches each decoder layer whole. It costs at most one layer's
-    parameters more in flight (the prefetch rounds up to whole layers), which the estimate counts."""
-    plan.zero3_leaf_layers = plan.zero_stage == 3 and "zero3-leaf-layers" not in plan.without
-    plan.adjustments = [a for a in plan.adjustments if a.what != "zero3_leaf_layers"]  # a re-fit replaces it
-    if plan.zero3_leaf_layers:
-        plan.adjustments.append(Adjustment("zero3_leaf_layers", "every module", "each decoder layer",
-                                           "ZeRO-3 fetch unit: one all-gather, one set of hooks and one gradient "
-                                           "hand-off per decoder layer (--without zero3-leaf-layers)", "accelbench"))
 
 
 def _choose_zero3_buckets(plan: RunPlan, calibration: float) -> None:

@@ -121,7 +121,7 @@ def run_accelbench(s: Settings, out: Path, repeat: int, timeout: float = 1800, l
     plan = json.loads((out / "run" / "result.json").read_text())["stages"][s.stage]["plan"]
     summary["_plan"] = {k: plan.get(k) for k in ("LBS", "attn_implementation", "packed", "kernels", "loss",
                                                   "recompute_layers", "micro_batch_tokens", "zero_stage", "zero3_buckets",
-                                                  "zero3_leaf_layers", "without")}
+                                                  "without")}
     return RunResult(label, repeat, summary, wall)
 
 
@@ -149,18 +149,14 @@ def run_peer(s: Settings, out: Path, repeat: int, timeout: float = 1800, torchru
 
 
 def same_zero_config(s: Settings, accelbench: RunResult) -> Settings:
-    """The peer's settings, so that it runs the ZeRO config accelbench's plan resolved: the peer takes every
-    ZeRO-3 lever by default (plan.ZERO3_LEVERS), and leaves out those the plan dropped (the planner drops the
-    5e8 buckets where they would not fit; --without drops any).  A failed run resolved nothing, so the
-    settings stay those of the last run that did."""
-    from accelbench.plan import ZERO3_LEVERS
-
+    """The peer's settings, so that it runs the ZeRO config accelbench's plan resolved: the peer takes the 5e8
+    ZeRO-3 buckets by default, and the planner drops them where they would not fit (plan.py).  A failed run
+    resolved nothing, so the settings stay those of the last run that did."""
     plan = accelbench.summary.get("_plan")
     if not plan:
         return s
-    dropped = [lever for lever in ZERO3_LEVERS
-               if plan.get("zero_stage") == 3 and plan.get(lever.replace("-", "_")) is False]
-    return replace(s, peer_args=("--without", ",".join(dropped)) if dropped else ())
+    llava_buckets = plan.get("zero_stage") == 3 and plan.get("zero3_buckets") is False
+    return replace(s, peer_args=("--llava-zero3-buckets",) if llava_buckets else ())
 
 
 def attempt(path: str, repeat: int, run: Any) -> RunResult:

@@ -12,7 +12,7 @@ that is not the training framework held equal to accelbench:
 * order: LLaVA's ``group_by_modality_length`` through a ``Trainer`` subclass overriding
   ``_get_train_sampler`` (as ``LLaVATrainer`` does), backed by accelbench's seeded ``LengthGroupedSampler``;
 * DeepSpeed config: the very dict accelbench writes (``ds_config.deepspeed_config``), with the same ZeRO-3
-  levers accelbench's plan chooses (bucket sizes, decoder layers as fetch units; ``--without`` drops them);
+  bucket sizes accelbench's plan chooses (``--llava-zero3-buckets`` for LLaVA's own);
 * optimizer / schedule: the Trainer's own (``optim`` default = torch AdamW, fused where torch has it;
   ``lr_scheduler_type="cosine"``, warm-up ratio 0.03; weight decay 0, LLaVA's).  The config has no
   ``"optimizer"`` entry, so the Trainer creates the torch optimizer and DeepSpeed never JIT-builds FusedAdam.
@@ -57,9 +57,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", help="folder with LLaVA JSON files, images/, tokenizer/ (default: accelbench's synthetic set)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ds-config", help="DeepSpeed JSON merged over the shared config, as `accelbench run --ds-config`")
-    p.add_argument("--without", default="", metavar="LEVER[,LEVER]",
-                   help="ZeRO-3 levers of accelbench's plan to leave out, as `accelbench run --without`: "
-                        "zero3-buckets (LLaVA's hidden² buckets), zero3-leaf-layers")
+    p.add_argument("--llava-zero3-buckets", action="store_true",
+                   help="LLaVA's ZeRO-3 bucket sizes (hidden²) instead of the 5e8-element ones accelbench's plan uses")
     p.add_argument("--backend", help="accelbench backend whose DeepSpeed accelerator to install (default: auto)")
     p.add_argument("--workers", type=int, default=0,
                    help="dataloader_num_workers (default 0, as accelbench; LLaVA's scripts use 4)")
@@ -335,18 +334,11 @@ def make_trainer_class() -> type:
 
 
 def peer_overrides(args: argparse.Namespace, zero_stage: int) -> dict[str, Any]:
-    """The same DeepSpeed settings accelbench's plan gives DeepSpeed: its ZeRO-3 levers, then --ds-config."""
-    from accelbench.plan import ZERO3_LEVERS
+    """The same DeepSpeed settings accelbench's plan gives DeepSpeed: its ZeRO-3 buckets, then --ds-config."""
     from accelbench.train.ds_config import load_overrides, tuned_overrides
 
-    without = {lever for lever in args.without.split(",") if lever}
-    if without - set(ZERO3_LEVERS):
-        raise SystemExit(f"--without {args.without!r}: the peer takes only the ZeRO-3 levers "
-                         f"{', '.join(ZERO3_LEVERS)}")
-    zero3 = zero_stage == 3
-    return tuned_overrides(buckets=zero3 and "zero3-buckets" not in without,
-                           leaf_layers=zero3 and "zero3-leaf-layers" not in without,
-                           user=load_overrides(args.ds_config) if args.ds_config else None)
+    return tuned_overrides(zero_stage == 3 and not args.llava_zero3_buckets,
+                           load_overrides(args.ds_config) if args.ds_config else None)
 
 
 def training_arguments(args: argparse.Namespace, *, mbs: int, lr: float, dtype: str, ds_config: dict[str, Any],

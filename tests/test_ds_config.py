@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from accelbench.train.ds_config import deepspeed_config
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class _DataParallelOnly:
@@ -138,7 +141,7 @@ def test_zero3_buckets_lever_and_user_overrides_reach_the_plan_and_memory_model(
     reg = load_registry(machine=describe_machine("NVIDIA H200", 140 * 2**30, count=1))
     args = dict(case="llava1.5-13b", stage="finetune", nproc=2)
     nvidia = reg.select("nvidia")
-    llava = build_plan(nvidia, **args, without=("zero3-buckets", "zero3-leaf-layers"))
+    llava = build_plan(nvidia, **args, without=("zero3-buckets",))
     tuned = build_plan(nvidia, **args)
     mine = build_plan(nvidia, **args, ds_overrides=load_overrides(str(user)))
     # with every sample at 2048 tokens (before the data is known) 16 x 2048 tokens leave no room for the buckets;
@@ -149,25 +152,25 @@ def test_zero3_buckets_lever_and_user_overrides_reach_the_plan_and_memory_model(
     assert llava.deepspeed_overrides() == {} and not llava.zero3_buckets
     assert tuned.zero3_buckets and not any(n.startswith(BUCKETS_NOTE) for n in tuned.notes)
     assert tuned.to_dict()["ds_overrides"] == {"zero_optimization": {"stage3_prefetch_bucket_size": 500_000_000,
-                                                                     "reduce_bucket_size": 500_000_000,
-                                                                     "leaf_module": {"classes": ["LlamaDecoderLayer"]}}}
-    assert tuned.zero3_leaf_layers and not llava.zero3_leaf_layers
+                                                                     "reduce_bucket_size": 500_000_000}}
     assert [a.what for a in tuned.adjustments].count("zero3_buckets") == 1
     # the user's file wins over the lever, key by key
     assert mine.to_dict()["ds_overrides"]["zero_optimization"] == {
         "stage3_prefetch_bucket_size": 500_000_000, "reduce_bucket_size": 200_000_000,
-        "leaf_module": {"classes": ["LlamaDecoderLayer"]}, "stage3_param_persistence_threshold": 1_000_000}
+        "stage3_param_persistence_threshold": 1_000_000}
     # ZeRO-2 (pretrain) keeps LLaVA's zero2.json
-    pretrain = build_plan(nvidia, case="llava1.5-13b", stage="pretrain", nproc=2)
-    assert not pretrain.zero3_buckets and not pretrain.zero3_leaf_layers and pretrain.deepspeed_overrides() == {}
+    assert not build_plan(nvidia, case="llava1.5-13b", stage="pretrain", nproc=2).zero3_buckets
     # a bigger reduce bucket costs memory, and the estimate sees it
     assert estimate(tuned).terms["reduce_bucket"] - estimate(llava).terms["reduce_bucket"] == \
         (500_000_000 - 5120 * 5120) * 2
-    # a leaf decoder layer hands its gradients over after its whole backward: one layer's, not lm_head's alone
-    layer = tuned.preset.llm.layer_params
+    # decoder layers as ZeRO-3 fetch units (benchmarks/gpu/ds/zero3-leaf.json) hand a whole layer's gradients
+    # over at once: the estimate holds one layer's, not lm_head's alone
+    leaf = build_plan(nvidia, **args, ds_overrides=load_overrides(str(ROOT / "benchmarks/gpu/ds/zero3-leaf.json")))
+    fit_recompute(leaf, nvidia, micro_batch_tokens=21_000)
+    layer = leaf.preset.llm.layer_params
     assert layer > 32000 * 5120
-    assert estimate(tuned).terms["largest_param_grad"] == layer * 2
-    assert estimate(llava).terms["largest_param_grad"] == 32000 * 5120 * 2
+    assert estimate(leaf).terms["largest_param_grad"] == layer * 2
+    assert estimate(tuned).terms["largest_param_grad"] == 32000 * 5120 * 2
 
     for text, needle in (("{not json", "is not valid JSON"), ("[1]", "must hold a JSON object"),
                          ('{"train_micro_batch_size_per_gpu": 4}', "set by --mbs"),
@@ -178,18 +181,3 @@ def test_zero3_buckets_lever_and_user_overrides_reach_the_plan_and_memory_model(
             load_overrides(str(bad))
     with pytest.raises(ConfigError, match="cannot be read"):
         load_overrides(str(tmp_path / "missing.json"))
-
-
-def test_leaf_layer_lever_refuses_a_model_whose_layers_deepspeed_did_not_find():
-    import torch
-
-    from accelbench.errors import ConfigError
-    from accelbench.train.stage import check_leaf_layers
-
-    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
-    with pytest.raises(ConfigError, match="made 0 modules fetch units, not the model's 2 decoder layers.*"
-                                          "--without zero3-leaf-layers"):
-        check_leaf_layers(model, 2)
-    for layer in model:
-        layer._z3_leaf = True  # what DeepSpeed's leaf_module option sets
-    check_leaf_layers(model, 2)

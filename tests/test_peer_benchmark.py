@@ -130,44 +130,20 @@ def test_loss_check_counts_repeats_across_calls_as_noise_and_pairs_every_accelbe
     assert "x2/call: hf-trainer vs x2-again/call: hf-trainer" in out and "verdict: none" in out
 
 
-def test_peer_takes_the_zero3_levers_accelbench_plan_resolved() -> None:
+def test_peer_takes_the_zero3_buckets_accelbench_plan_resolved() -> None:
     cc, _, _ = _gpu_benchmarks()
     s = cc.Settings(stage="finetune")
 
     def plan(**keys) -> cc.RunResult:
         return cc.RunResult(cc.ACCELBENCH, 0, {"_plan": keys}, 1.0)
 
-    dropped = cc.same_zero_config(s, plan(zero_stage=3, zero3_buckets=False, zero3_leaf_layers=True))
-    assert dropped.peer_args == ("--without", "zero3-buckets")
-    both = cc.same_zero_config(s, plan(zero_stage=3, zero3_buckets=False, zero3_leaf_layers=False))
-    assert both.peer_args == ("--without", "zero3-buckets,zero3-leaf-layers")
-    assert cc.same_zero_config(dropped, plan(zero_stage=3, zero3_buckets=True, zero3_leaf_layers=True)).peer_args == ()
-    assert cc.same_zero_config(s, plan(zero_stage=2, zero3_buckets=False)).peer_args == ()  # no ZeRO-3 levers
+    dropped = cc.same_zero_config(s, plan(zero_stage=3, zero3_buckets=False))
+    assert dropped.peer_args == ("--llava-zero3-buckets",)
+    assert cc.same_zero_config(dropped, plan(zero_stage=3, zero3_buckets=True)).peer_args == ()
+    assert cc.same_zero_config(s, plan(zero_stage=2, zero3_buckets=False)).peer_args == ()  # no ZeRO-3 buckets
     # a failed accelbench run resolved no plan: the peer keeps the config of the last one that did
     failed = cc.RunResult(cc.ACCELBENCH, 0, {"error": "oom"}, 1.0)
-    assert cc.same_zero_config(dropped, failed).peer_args == ("--without", "zero3-buckets")
-
-
-def test_peer_builds_the_zero3_config_the_plan_builds() -> None:
-    from accelbench.backends import load_registry
-    from accelbench.machine import describe_machine
-    from accelbench.plan import build_plan, fit_recompute
-
-    sys.path.insert(0, str(PEER.parent))
-    try:
-        import hf_peer
-    finally:
-        del sys.path[0]
-    reg = load_registry(machine=describe_machine("NVIDIA H200", 140 * 2**30, count=1))
-    nvidia = reg.select("nvidia")
-    for without in ((), ("zero3-leaf-layers",), ("zero3-buckets", "zero3-leaf-layers")):
-        plan = build_plan(nvidia, case="llava1.5-13b", stage="finetune", nproc=2, without=without)
-        fit_recompute(plan, nvidia, micro_batch_tokens=21_000)
-        peer = hf_peer.peer_overrides(hf_peer.parse_args(["--without", ",".join(without)]), zero_stage=3)
-        assert peer == plan.deepspeed_overrides()
-        assert ("leaf_module" in peer.get("zero_optimization", {})) == ("zero3-leaf-layers" not in without)
-    with pytest.raises(SystemExit, match="only the ZeRO-3 levers"):
-        hf_peer.peer_overrides(hf_peer.parse_args(["--without", "packing"]), zero_stage=3)
+    assert cc.same_zero_config(dropped, failed).peer_args == ("--llava-zero3-buckets",)
 
 
 def test_loss_check_treats_gaps_under_its_resolution_as_equal() -> None:

@@ -67,28 +67,21 @@ ZERO3_BUCKETS: dict[str, Any] = {"zero_optimization": {"stage3_prefetch_bucket_s
                                                        "reduce_bucket_size": 500_000_000}}
 
 
-# Each Llama decoder layer is one ZeRO-3 fetch unit (DeepSpeed's documented ``leaf_module`` option): one
-# all-gather and one set of hooks per layer instead of one per projection and norm, and the layer's gradients
-# reduced together after its backward. On 2 H200s (13B finetune, profiled steps 3-4) the compute stream's
-# idle time fell from 0.89 s to 0.58 s per step (docs/performance.md). Lever "zero3-leaf-layers".
-DECODER_LAYER_CLASS = "LlamaDecoderLayer"  # the LLM of every LLaVA-1.5 case (Vicuna)
-ZERO3_LEAF_LAYERS: dict[str, Any] = {"zero_optimization": {"leaf_module": {"classes": [DECODER_LAYER_CLASS]}}}
-
-
-def tuned_overrides(*, buckets: bool, leaf_layers: bool, user: dict[str, Any] | None) -> dict[str, Any]:
-    """What is merged over LLaVA's DeepSpeed config: the ZeRO-3 levers the plan chose (tuned buckets, decoder
-    layers as fetch units), then the user's --ds-config. The plan and the HF Trainer peer both build theirs
-    here, so their configs stay the same."""
-    tuned: dict[str, Any] = {}
-    for on, lever in ((buckets, ZERO3_BUCKETS), (leaf_layers, ZERO3_LEAF_LAYERS)):
-        if on:
-            tuned = deep_merge(tuned, lever)
-    return deep_merge(tuned, user or {})
+# The LLM decoder layer of every LLaVA-1.5 case (Vicuna). DeepSpeed's documented ``leaf_module`` option can make it
+# one ZeRO-3 fetch unit (benchmarks/gpu/ds/zero3-leaf.json); measured on 2 and 4 H200s it does not pay, so no
+# lever sets it (docs/performance.md), but the memory model counts what it holds when a --ds-config does.
+DECODER_LAYER_CLASS = "LlamaDecoderLayer"
 
 
 def leaf_layer_classes(zero: dict[str, Any]) -> list[str]:
     """The module classes a ZeRO config makes fetch units (its ``leaf_module.classes``)."""
     return list((zero.get("leaf_module") or {}).get("classes") or [])
+
+
+def tuned_overrides(zero3_buckets: bool, user: dict[str, Any] | None) -> dict[str, Any]:
+    """What is merged over LLaVA's DeepSpeed config: the tuned ZeRO-3 buckets where chosen, then the user's
+    --ds-config. The plan and the HF Trainer peer both build theirs here, so their configs stay the same."""
+    return deep_merge(ZERO3_BUCKETS if zero3_buckets else {}, user or {})
 
 
 # Keys the plan owns: a user file setting them would contradict the batch sizes, precision or stage that

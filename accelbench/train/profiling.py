@@ -7,6 +7,7 @@ wall time: matmul, attention, communication, memory copies, other) and ``profile
 """
 from __future__ import annotations
 
+import bisect
 import gzip
 import json
 import time
@@ -58,6 +59,35 @@ def _phase_spans(trace_events: list[dict[str, Any]], cat: str,
     return {phase: _union(v) for phase, v in sorted(spans.items())}
 
 
+def _kernel_phases(trace_events: list[dict[str, Any]], device: Any) -> list[tuple[float, float, str | None, str,
+                                                                                 float | None]]:
+    """Every kernel of ``device`` as (start, end, phase, name, window), seconds, by start. The phase is the
+    trainer phase whose host span (``user_annotation``) holds the kernel's launch call, matched by correlation
+    id, from any host thread: autograd launches the backward's kernels from its own thread, outside the main
+    thread's ``gpu_user_annotation``. ``window`` is the start of that span, telling a phase's runs apart. A
+    trace without launch records falls back to the device-side annotation."""
+    host = sorted((start, end, phase) for phase, spans in _phase_spans(trace_events, "user_annotation").items()
+                  for start, end in spans)
+    annotated = sorted((start, end, phase) for phase, spans
+                       in _phase_spans(trace_events, "gpu_user_annotation", pid=device).items() for start, end in spans)
+    launched = {e["args"]["correlation"]: float(e["ts"]) / 1e6 for e in trace_events
+                if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in (e.get("args") or {})}
+
+    def within(t: float, windows: list[tuple[float, float, str]]) -> tuple[str | None, float | None]:
+        i = bisect.bisect_right(windows, (t, float("inf"), "")) - 1
+        return (windows[i][2], windows[i][0]) if i >= 0 and windows[i][0] <= t <= windows[i][1] else (None, None)
+
+    out = []
+    for e in trace_events:
+        if e.get("cat") != "kernel" or "ts" not in e or "dur" not in e or e.get("pid", 0) != device:
+            continue
+        start = float(e["ts"]) / 1e6
+        launch = launched.get((e.get("args") or {}).get("correlation"))
+        phase, window = within(launch, host) if launch is not None else within(start, annotated)
+        out.append((start, start + float(e["dur"]) / 1e6, phase, e.get("name", ""), window))
+    return sorted(out, key=lambda k: k[0])
+
+
 def _length(intervals: list[tuple[float, float]]) -> float:
     return sum(end - start for start, end in intervals)
 
@@ -88,9 +118,9 @@ def device_timeline(trace_events: list[dict[str, Any]], *, steps: int, gap_s: fl
     """Is the device starved? From a chrome trace's kernel events (``cat == "kernel"``, ``ts``/``dur`` in
     µs) of one device: the time any compute kernel runs, communication not hidden under compute, idle
     gaps longer than ``gap_s`` on the compute side (the host or a wait holding the device up) with the
-    kernels on either side of the longest ones, the compute side's idle time inside each of the trainer's
-    phases (``gpu_user_annotation``), and kernel time per category and per kernel.
-    Everything per step, between the first and the last kernel of the profiled span."""
+    kernels on either side of the longest ones, the compute side's idle time by the trainer phase that
+    launched the kernel ending each gap (the kernel the device waited for), and kernel time per category
+    and per kernel. Everything per step, between the first and the last kernel of the profiled span."""
     kernels = [e for e in trace_events if e.get("cat") == "kernel" and "ts" in e and "dur" in e]
     if not kernels:
         return {}
@@ -98,38 +128,35 @@ def device_timeline(trace_events: list[dict[str, Any]], *, steps: int, gap_s: fl
     comm, compute = [], []
     by_category: dict[str, float] = {}
     by_kernel: dict[str, float] = {}
-    for e in sorted((e for e in kernels if e.get("pid", 0) == device), key=lambda e: float(e["ts"])):
-        name, dur = e.get("name", ""), float(e["dur"]) / 1e6
-        span = (float(e["ts"]) / 1e6, float(e["ts"]) / 1e6 + dur, name)
+    for start, stop, phase, name, _ in _kernel_phases(trace_events, device):
         cat = category(name)
-        (comm if cat == "communication" else compute).append(span)
-        by_category[cat] = by_category.get(cat, 0.0) + dur / steps
-        by_kernel[name[:80]] = by_kernel.get(name[:80], 0.0) + dur / steps
+        (comm if cat == "communication" else compute).append((start, stop, name, phase))
+        by_category[cat] = by_category.get(cat, 0.0) + (stop - start) / steps
+        by_kernel[name[:80]] = by_kernel.get(name[:80], 0.0) + (stop - start) / steps
     compute_u, comm_u = _union([c[:2] for c in compute]), _union([c[:2] for c in comm])
     every = compute_u + comm_u
     span_s = max(e for _, e in every) - min(s for s, _ in every)
     busy, comm_s = _length(compute_u), _length(comm_u)
-    # gaps between consecutive compute kernels (by start), named by the kernels around them
+    # gaps between consecutive compute kernels (by start): the long ones named by the kernels around them,
+    # every one counted for the phase that launched the kernel ending it
     gaps: dict[str, float] = {}
-    end, before = compute[0][1:] if compute else (0.0, "")
-    for start, stop, name in compute[1:]:
+    idle_by_phase: dict[str, float] = {}
+    end, before = compute[0][1:3] if compute else (0.0, "")
+    for start, stop, name, phase in compute[1:]:
+        if start > end:
+            key = phase or "outside_phases"
+            idle_by_phase[key] = idle_by_phase.get(key, 0.0) + (start - end) / steps
         if start - end > gap_s:
             key = f"{before[:50]} -> {name[:50]}"
             gaps[key] = gaps.get(key, 0.0) + (start - end) / steps
         if stop > end:
             end, before = stop, name
-    # where the idle time sits: each trainer phase's device span less the compute in it. A span runs from the
-    # phase's first kernel to its last: idle time before it (host work, a wait) falls outside every phase.
-    windows = _phase_spans(trace_events, "gpu_user_annotation", pid=device)
-    idle_by_phase = {phase: (_length(w) - _overlap(compute_u, w)) / steps for phase, w in windows.items()}
-    if windows:
-        every_phase = _union([w for v in windows.values() for w in v])
-        idle_inside = _length(every_phase) - _overlap(compute_u, every_phase)
-        idle_by_phase["outside_phases"] = (span_s - busy - idle_inside) / steps
+    if not any(phase for *_, phase in compute):  # no phase known: no attribution to show
+        idle_by_phase = {}
     return {
         "span_s": span_s / steps,
         "compute_busy_s": busy / steps,
-        "compute_idle_s_by_phase": idle_by_phase,
+        "compute_idle_s_by_phase": dict(sorted(idle_by_phase.items())),
         "compute_busy_share": busy / span_s if span_s else 0.0,
         "communication_s": comm_s / steps,
         "communication_exposed_s": (comm_s - _overlap(compute_u, comm_u)) / steps,
@@ -142,11 +169,20 @@ def device_timeline(trace_events: list[dict[str, Any]], *, steps: int, gap_s: fl
 
 def phase_times(trace_events: list[dict[str, Any]], *, steps: int) -> dict[str, dict[str, float]]:
     """The trainer's record_function phases (data, forward, backward, optimizer_step) per step: on the host
-    (``user_annotation``) and, on a device, the span of the kernels they launched (``gpu_user_annotation``)."""
+    (``user_annotation``) and, on a device, the span of the kernels each run of the phase launched."""
     out: dict[str, dict[str, float]] = {}
-    for where, cat in (("host_s", "user_annotation"), ("device_s", "gpu_user_annotation")):
-        for phase, spans in _phase_spans(trace_events, cat).items():
-            out.setdefault(phase, {})[where] = _length(spans) / steps
+    for phase, spans in _phase_spans(trace_events, "user_annotation").items():
+        out[phase] = {"host_s": _length(spans) / steps}
+    kernels = [e for e in trace_events if e.get("cat") == "kernel" and "ts" in e and "dur" in e]
+    if kernels:
+        runs: dict[tuple[str, float], tuple[float, float]] = {}
+        for start, stop, phase, _, window in _kernel_phases(trace_events, min(e.get("pid", 0) for e in kernels)):
+            if phase is not None and window is not None:
+                first, last = runs.get((phase, window), (start, stop))
+                runs[(phase, window)] = (min(first, start), max(last, stop))
+        for phase in {p for p, _ in runs}:
+            spans = _union([span for (p, _), span in runs.items() if p == phase])
+            out.setdefault(phase, {})["device_s"] = _length(spans) / steps
     return dict(sorted(out.items()))
 
 

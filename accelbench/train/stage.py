@@ -126,8 +126,6 @@ class StageRunner:
                                    lm_head_calls=lm_head_calls(p.get("micro_batch_tokens") or p["LBS"] * p["MPE"]))
         engine, _, _, _ = deepspeed.initialize(model=objective, optimizer=optimizer,
                                                lr_scheduler=scheduler, config=ds_config)
-        if p.get("zero3_leaf_layers"):
-            check_leaf_layers(model, self.preset.llm.layers)
         return engine, model
 
     def attention_kernel(self) -> str:
@@ -390,21 +388,6 @@ class StageRunner:
 
 
 ATTENTION_KWARGS = ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
-
-
-def check_leaf_layers(model: Any, layers: int) -> None:
-    """Lever "zero3-leaf-layers" names the decoder layer class in the DeepSpeed config, and DeepSpeed skips
-    a class it does not find: make sure it found every layer, and say how to go on when it did not."""
-    from deepspeed.utils import get_z3_leaf_modules
-
-    from ..errors import ConfigError
-    from .ds_config import DECODER_LAYER_CLASS
-
-    found = len(get_z3_leaf_modules(model))
-    if found != layers:
-        raise ConfigError(f"ZeRO-3 made {found} modules fetch units, not the model's {layers} decoder layers "
-                          f"({DECODER_LAYER_CLASS}): run with --without zero3-leaf-layers, or name the model's "
-                          f"layer class in --ds-config's zero_optimization.leaf_module.classes")
 
 
 def model_inputs(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
