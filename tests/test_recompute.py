@@ -637,14 +637,15 @@ def test_phase_times_host_and_device():
 
     # two runs of the forward; the second launches a kernel from another thread; each run's device span runs
     # from its first kernel to its last, and spans that overlap are counted once
-    events = _launched([("forward", 0, 4000), ("forward", 9000, 2000)],
+    events = _launched([("forward", 0, 4000), ("forward", 9000, 2000), ("data", 12000, 1000)],
                        [(10, 1, "nvjet", 100, 2000), (3000, 1, "triton", 3000, 3100),
                         (9100, 2, "nvjet", 9100, 1000), (9500, 1, "nvjet", 10100, 900)])
     events.append({"cat": "user_annotation", "name": "aten::mm", "ts": 0, "dur": 5})
-    assert phase_times(events, steps=2) == {"forward": {"host_s": pytest.approx(0.003),
+    # the data phase launched nothing: it has no device time
+    assert phase_times(events, steps=2) == {"data": {"host_s": pytest.approx(0.0005)},
+                                            "forward": {"host_s": pytest.approx(0.003),
                                                         "device_s": pytest.approx((0.006 + 0.0019) / 2)}}
-    # without launch records the device-side annotation stands in, and a phase that launched nothing has no
-    # device time
+    # without launch records the device-side annotation stands in
     kernels = [e for e in events if e["cat"] == "kernel"]
     fallback = [{**k, "args": {}} for k in kernels] + [e for e in events if e["cat"] == "user_annotation"] + \
         [{"cat": "gpu_user_annotation", "name": "accelbench/forward", "ts": 100, "dur": 6000, "pid": 0}]

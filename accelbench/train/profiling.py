@@ -59,6 +59,12 @@ def _phase_spans(trace_events: list[dict[str, Any]], cat: str,
     return {phase: _union(v) for phase, v in sorted(spans.items())}
 
 
+def _device(trace_events: list[dict[str, Any]]) -> Any:
+    """The device whose kernels a summary reads (rank 0's trace holds one; keep it to one), None without kernels."""
+    return min((e.get("pid", 0) for e in trace_events if e.get("cat") == "kernel" and "ts" in e and "dur" in e),
+               default=None)
+
+
 def _kernel_phases(trace_events: list[dict[str, Any]], device: Any) -> list[tuple[float, float, str | None, str,
                                                                                  float | None]]:
     """Every kernel of ``device`` as (start, end, phase, name, window), seconds, by start. The phase is the
@@ -121,10 +127,9 @@ def device_timeline(trace_events: list[dict[str, Any]], *, steps: int, gap_s: fl
     kernels on either side of the longest ones, the compute side's idle time by the trainer phase that
     launched the kernel ending each gap (the kernel the device waited for), and kernel time per category
     and per kernel. Everything per step, between the first and the last kernel of the profiled span."""
-    kernels = [e for e in trace_events if e.get("cat") == "kernel" and "ts" in e and "dur" in e]
-    if not kernels:
+    device = _device(trace_events)
+    if device is None:
         return {}
-    device = min(e.get("pid", 0) for e in kernels)  # rank 0's trace holds one device; keep it to one
     comm, compute = [], []
     by_category: dict[str, float] = {}
     by_kernel: dict[str, float] = {}
@@ -173,10 +178,10 @@ def phase_times(trace_events: list[dict[str, Any]], *, steps: int) -> dict[str, 
     out: dict[str, dict[str, float]] = {}
     for phase, spans in _phase_spans(trace_events, "user_annotation").items():
         out[phase] = {"host_s": _length(spans) / steps}
-    kernels = [e for e in trace_events if e.get("cat") == "kernel" and "ts" in e and "dur" in e]
-    if kernels:
+    device = _device(trace_events)
+    if device is not None:
         runs: dict[tuple[str, float], tuple[float, float]] = {}
-        for start, stop, phase, _, window in _kernel_phases(trace_events, min(e.get("pid", 0) for e in kernels)):
+        for start, stop, phase, _, window in _kernel_phases(trace_events, device):
             if phase is not None and window is not None:
                 first, last = runs.get((phase, window), (start, stop))
                 runs[(phase, window)] = (min(first, start), max(last, stop))

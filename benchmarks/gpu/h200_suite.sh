@@ -5,7 +5,8 @@
 #         peer-CASE-STAGE (e.g. peer-13b-pretrain, peer-13b-finetune, peer-7b-finetune) and
 #         fixed-CASE-STAGE (every sample 1024 tokens, 576 of them image tokens)
 # ABLATE=lever,lever adds one accelbench run per lever without it (peer-/fixed- phases); NO_PEER=1 skips the
-# peer; STEPS (default 10); PROF_STEPS (prof- phases, default 5; steps after 4 run unprofiled); PHASE_TIMEOUT and PATH_TIMEOUT (seconds per phase and per path).
+# peer; STEPS (default 10); PROF_STEPS (prof- phases, default 5: steps 3-4 profiled, the later ones not);
+# PHASE_TIMEOUT and PATH_TIMEOUT (seconds per phase and per path).
 # PHASE@NAME (prof-, peer-, fixed- phases) merges benchmarks/gpu/ds/NAME.json over the DeepSpeed config of
 # every path in it (accelbench run --ds-config), e.g. prof-13b-finetune@zero3-prefetch.
 # Everything lands in $OUT (logs, result.json copies, the comparison JSON).
