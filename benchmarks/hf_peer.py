@@ -290,6 +290,26 @@ def make_callback(meter: StepMeter, quiet: bool) -> Any:
     return StepTimer()
 
 
+class VisionEveryBatch:
+    """LLaVA runs the vision tower on every batch: its dataset gives a text-only sample a blank image in
+    multimodal mode, and its model keeps none of that image's features. transformers' Llava skips the tower
+    without ``pixel_values``, so under ZeRO-3 a rank with a text-only micro-batch would skip the tower's
+    parameter all-gathers while the other ranks wait in them. When ``blank`` is set, this runs the tower and
+    projector on one blank image with weight 0 right before the language model, where Llava runs them for
+    an image batch, so every rank calls the same modules in the same order."""
+
+    def __init__(self, llava: Any) -> None:
+        self.llava, self.blank = llava, False
+        llava.model.language_model.register_forward_pre_hook(self._before_language_model, with_kwargs=True)
+
+    def _before_language_model(self, module: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
+        if not self.blank:
+            return None
+        from accelbench.train.objective import with_blank_image
+
+        return args, {**kwargs, "inputs_embeds": with_blank_image(self.llava, kwargs["inputs_embeds"])}
+
+
 def make_trainer_class() -> type:
     from transformers import Trainer
 
@@ -304,6 +324,7 @@ def make_trainer_class() -> type:
             super().__init__(*args, **kwargs)
             self.modality_lengths, self.sampler_seed, self.meter = list(modality_lengths), sampler_seed, meter
             self.schedule = schedule
+            self.vision_every_batch = VisionEveryBatch(self.model)
 
         def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
             if self.schedule == "hf" or self.lr_scheduler is not None:
@@ -323,6 +344,7 @@ def make_trainer_class() -> type:
 
         def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Any:
             self.meter.micro_batch(inputs.pop("meta"))
+            self.vision_every_batch.blank = "pixel_values" not in inputs
             loss = super().training_step(model, inputs, num_items_in_batch)
             self.meter.loss(loss)
             return loss

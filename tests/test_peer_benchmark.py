@@ -51,6 +51,25 @@ def _gpu_benchmarks():
     return cc, loss_check, print_loss_check
 
 
+@pytest.mark.slow
+def test_peer_zero3_survives_an_image_less_micro_batch_on_one_rank(tmp_path: Path, image_less_rank_data) -> None:
+    """LLaVA runs the vision tower on every batch (a text-only sample gets a blank image); transformers' Llava
+    skips it without pixel_values, and under ZeRO-3 the other rank then waits in the tower's all-gather.
+    The peer runs it as LLaVA does, so the step finishes and the losses stay finite."""
+    out = tmp_path / "peer"
+    env = {**os.environ, "ACCELBENCH_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(PEER), "--case", "tiny", "--stage", "finetune", "--steps", "4", "--mbs", "1",
+                           "--data", str(image_less_rank_data), "--quiet", "--out", str(out)],
+                          capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "peer_summary.json").read_text())
+    assert summary["steps"] == 4 and summary["zero_stage"] == 3
+    assert all(math.isfinite(x) and x > 0 for x in summary["losses"])
+
+
 def test_gpu_loss_check_uses_every_rounding_only_ablation_as_noise_floor(tmp_path: Path, capsys) -> None:
     cc, _, print_loss_check = _gpu_benchmarks()
 

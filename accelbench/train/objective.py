@@ -23,6 +23,23 @@ def _chunk_loss_sum(lm_head: torch.nn.Module, hidden: torch.Tensor, targets: tor
     return F.cross_entropy(lm_head(hidden).float(), targets, reduction="sum")
 
 
+def image_features(llava: Any, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The projected features of ``pixel_values``' images, one row per image token (LlavaModel's own call)."""
+    cfg = llava.config
+    features = llava.model.get_image_features(pixel_values=pixel_values, vision_feature_layer=cfg.vision_feature_layer,
+                                              vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+                                              return_dict=True).pooler_output
+    return torch.cat(list(features), dim=0)
+
+
+def with_blank_image(llava: Any, embeds: torch.Tensor) -> torch.Tensor:
+    """``embeds`` after running the vision tower and projector on one blank image with weight 0, as LLaVA does
+    for a text-only sample: the same modules run as for an image batch, and the loss does not change."""
+    size = llava.config.vision_config.image_size
+    blank = torch.zeros(1, 3, size, size, dtype=embeds.dtype, device=embeds.device)
+    return embeds + 0.0 * image_features(llava, blank).sum()
+
+
 def lm_head_calls(max_tokens: int, chunk: int = CHUNK_TOKENS) -> int:
     """How many lm_head chunks a micro-batch of at most ``max_tokens`` tokens needs (at least one)."""
     return max(1, math.ceil(max_tokens / chunk))
@@ -78,20 +95,13 @@ class LlavaObjective(torch.nn.Module):
         of the image tokens.  Done here so that both kinds of micro-batch call the same modules in the
         same order (ZeRO-3 prefetches by the recorded module order): with ``uniform_calls`` an image-less
         micro-batch runs the vision tower and projector on one blank image, with weight 0 in the loss."""
-        model, cfg = self.llava.model, self.llava.config
+        model = self.llava.model
         embeds = model.get_input_embeddings()(input_ids)
         if pixel_values is None and not self.uniform_calls:
             return embeds
-        blank = pixel_values is None
-        if blank:
-            size = cfg.vision_config.image_size
-            pixel_values = torch.zeros(1, 3, size, size, dtype=embeds.dtype, device=embeds.device)
-        features = model.get_image_features(pixel_values=pixel_values, vision_feature_layer=cfg.vision_feature_layer,
-                                            vision_feature_select_strategy=cfg.vision_feature_select_strategy,
-                                            return_dict=True).pooler_output
-        features = torch.cat(list(features), dim=0).to(embeds.device, embeds.dtype)
-        if blank:
-            return embeds + 0.0 * features.sum()
+        if pixel_values is None:
+            return with_blank_image(self.llava, embeds)
+        features = image_features(self.llava, pixel_values).to(embeds.device, embeds.dtype)
         mask = model.get_placeholder_mask(input_ids, inputs_embeds=embeds, image_features=features)
         return embeds.masked_scatter(mask, features)
 
