@@ -160,10 +160,12 @@ def _zero_cfg(inp: MemoryPlanInput) -> dict[str, Any]:
 
 
 def _leaf_layers(zero: dict[str, Any]) -> bool:
-    """Whether the ZeRO config makes each decoder layer one fetch unit (DeepSpeed's ``leaf_module``)."""
+    """Whether the ZeRO config makes each decoder layer one fetch unit: DeepSpeed's ``leaf_module.classes``
+    naming the layer class, bare or qualified (its other forms, module names and the granularity threshold,
+    are not modelled)."""
     from accelbench.train.ds_config import DECODER_LAYER_CLASS, leaf_layer_classes
 
-    return DECODER_LAYER_CLASS in leaf_layer_classes(zero)
+    return any(c.rsplit(".", 1)[-1] == DECODER_LAYER_CLASS for c in leaf_layer_classes(zero))
 
 
 def _ceil_div(a: int, b: int) -> int:

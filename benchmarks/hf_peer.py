@@ -320,11 +320,12 @@ def make_trainer_class() -> type:
         """
 
         def __init__(self, *args: Any, modality_lengths: Sequence[int], sampler_seed: int, meter: StepMeter,
-                     schedule: str = "hf", **kwargs: Any) -> None:
+                     schedule: str = "hf", zero_stage: int = 3, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self.modality_lengths, self.sampler_seed, self.meter = list(modality_lengths), sampler_seed, meter
             self.schedule = schedule
-            self.vision_every_batch = VisionEveryBatch(self.model)
+            # as accelbench (objective's uniform_calls): only ZeRO-3 needs every rank to call the same modules
+            self.vision_every_batch = VisionEveryBatch(self.model) if zero_stage == 3 else None
 
         def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
             if self.schedule == "hf" or self.lr_scheduler is not None:
@@ -344,7 +345,8 @@ def make_trainer_class() -> type:
 
         def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Any:
             self.meter.micro_batch(inputs.pop("meta"))
-            self.vision_every_batch.blank = "pixel_values" not in inputs
+            if self.vision_every_batch is not None:
+                self.vision_every_batch.blank = "pixel_values" not in inputs
             loss = super().training_step(model, inputs, num_items_in_batch)
             self.meter.loss(loss)
             return loss
@@ -451,7 +453,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     trainer = make_trainer_class()(
         model=model, args=targs, train_dataset=dataset, data_collator=PeerCollator(tokenizer.pad_token_id),
         callbacks=[make_callback(meter, args.quiet)], modality_lengths=dataset.modality_lengths,
-        sampler_seed=args.seed, meter=meter, schedule=args.schedule,
+        sampler_seed=args.seed, meter=meter, schedule=args.schedule, zero_stage=zero_stage,
     )
     if on_cuda:
         torch.cuda.reset_peak_memory_stats(device)

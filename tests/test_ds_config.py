@@ -171,6 +171,10 @@ def test_zero3_buckets_lever_and_user_overrides_reach_the_plan_and_memory_model(
     assert layer > 32000 * 5120
     assert estimate(leaf).terms["largest_param_grad"] == layer * 2
     assert estimate(tuned).terms["largest_param_grad"] == 32000 * 5120 * 2
+    qualified = build_plan(nvidia, **args, ds_overrides={"zero_optimization": {"leaf_module": {
+        "classes": ["transformers.models.llama.modeling_llama.LlamaDecoderLayer"]}}})
+    fit_recompute(qualified, nvidia, micro_batch_tokens=21_000)
+    assert estimate(qualified).terms["largest_param_grad"] == layer * 2
 
     for text, needle in (("{not json", "is not valid JSON"), ("[1]", "must hold a JSON object"),
                          ('{"train_micro_batch_size_per_gpu": 4}', "set by --mbs"),

@@ -632,6 +632,30 @@ def test_idle_time_goes_to_the_phase_that_launched_the_kernel_waited_for():
     assert t["communication_exposed_s"] == pytest.approx(0.0015)  # 2000-3000 and 4000-4500 µs
 
 
+def test_idle_time_at_the_edges_nested_phases_and_launches_outside_every_phase():
+    from accelbench.train.profiling import device_timeline, phase_times
+
+    # an all-gather runs 2 ms before the first compute kernel: idle that waited for no phase's kernel. The data
+    # phase nests in the forward: a launch inside it belongs to data, one after it to the forward again
+    events = _launched([("forward", 0, 10000), ("data", 2000, 1000)],
+                       [(100, 1, "ncclDevKernel_AllGather", 0, 2000), (2500, 1, "nvjet", 2000, 1000),
+                        (5000, 1, "nvjet", 4000, 1000)])
+    t = device_timeline(events, steps=1)
+    assert t["compute_idle_s_by_phase"] == {"forward": pytest.approx(0.001), "outside_phases": pytest.approx(0.002)}
+    assert sum(t["compute_idle_s_by_phase"].values()) == pytest.approx(t["span_s"] - t["compute_busy_s"])
+    assert phase_times(events, steps=1)["data"]["device_s"] == pytest.approx(0.001)
+    # phases exist but no kernel was launched in one: the idle time still shows, outside every phase
+    outside = _launched([("data", 20000, 100)], [(10, 1, "nvjet", 100, 900), (900, 1, "nvjet", 3000, 1000)])
+    assert device_timeline(outside, steps=1)["compute_idle_s_by_phase"] == {"outside_phases": pytest.approx(0.002)}
+    # a host-to-device copy is the data phase's device work
+    copy = _launched([("data", 0, 1000)], [(10, 1, "nvjet", 500, 100)])
+    copy.append({"cat": "gpu_memcpy", "name": "Memcpy HtoD (Pinned -> Device)", "ts": 100, "dur": 200, "pid": 0,
+                 "args": {"correlation": 99}})
+    copy.append({"cat": "cuda_runtime", "name": "cudaMemcpyAsync", "ts": 20, "dur": 5, "tid": 1,
+                 "args": {"correlation": 99}})
+    assert phase_times(copy, steps=1)["data"]["device_s"] == pytest.approx(0.0005)  # 100-600 µs
+
+
 def test_phase_times_host_and_device():
     from accelbench.train.profiling import phase_times
 

@@ -65,13 +65,14 @@ def _device(trace_events: list[dict[str, Any]]) -> Any:
                default=None)
 
 
-def _kernel_phases(trace_events: list[dict[str, Any]], device: Any) -> list[tuple[float, float, str | None, str,
-                                                                                 float | None]]:
-    """Every kernel of ``device`` as (start, end, phase, name, window), seconds, by start. The phase is the
-    trainer phase whose host span (``user_annotation``) holds the kernel's launch call, matched by correlation
-    id, from any host thread: autograd launches the backward's kernels from its own thread, outside the main
-    thread's ``gpu_user_annotation``. ``window`` is the start of that span, telling a phase's runs apart. A
-    trace without launch records falls back to the device-side annotation."""
+def _kernel_phases(trace_events: list[dict[str, Any]], device: Any, cats: tuple[str, ...] = ("kernel",)
+                   ) -> list[tuple[float, float, str | None, str, float | None]]:
+    """Every kernel (or other ``cats`` event) of ``device`` as (start, end, phase, name, window), seconds, by
+    start. The phase is the trainer phase whose host span (``user_annotation``) holds the kernel's launch call,
+    matched by correlation id, from any host thread: autograd launches the backward's kernels from its own
+    thread, outside the main thread's ``gpu_user_annotation``. Where spans nest, the innermost holds it.
+    ``window`` is the start of that span, telling a phase's runs apart. A trace without launch records falls
+    back to the device-side annotation."""
     host = sorted((start, end, phase) for phase, spans in _phase_spans(trace_events, "user_annotation").items()
                   for start, end in spans)
     annotated = sorted((start, end, phase) for phase, spans
@@ -80,12 +81,15 @@ def _kernel_phases(trace_events: list[dict[str, Any]], device: Any) -> list[tupl
                 if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in (e.get("args") or {})}
 
     def within(t: float, windows: list[tuple[float, float, str]]) -> tuple[str | None, float | None]:
-        i = bisect.bisect_right(windows, (t, float("inf"), "")) - 1
-        return (windows[i][2], windows[i][0]) if i >= 0 and windows[i][0] <= t <= windows[i][1] else (None, None)
+        # the latest-starting span that has not ended at t: the innermost one holding t
+        for i in range(bisect.bisect_right(windows, (t, float("inf"), "")) - 1, -1, -1):
+            if windows[i][1] >= t:
+                return windows[i][2], windows[i][0]
+        return None, None
 
     out = []
     for e in trace_events:
-        if e.get("cat") != "kernel" or "ts" not in e or "dur" not in e or e.get("pid", 0) != device:
+        if e.get("cat") not in cats or "ts" not in e or "dur" not in e or e.get("pid", 0) != device:
             continue
         start = float(e["ts"]) / 1e6
         launch = launched.get((e.get("args") or {}).get("correlation"))
@@ -156,7 +160,13 @@ def device_timeline(trace_events: list[dict[str, Any]], *, steps: int, gap_s: fl
             gaps[key] = gaps.get(key, 0.0) + (start - end) / steps
         if stop > end:
             end, before = stop, name
-    if not any(phase for *_, phase in compute):  # no phase known: no attribution to show
+    # idle time before the first compute kernel or after the last, while communication ran, waited for no
+    # phase's kernel
+    edges = span_s - busy - sum(idle_by_phase.values()) * steps
+    if edges > 1e-9:
+        idle_by_phase["outside_phases"] = idle_by_phase.get("outside_phases", 0.0) + edges / steps
+    if not (_phase_spans(trace_events, "user_annotation") or
+            _phase_spans(trace_events, "gpu_user_annotation", pid=device)):  # no phases: nothing to attribute to
         idle_by_phase = {}
     return {
         "span_s": span_s / steps,
@@ -174,14 +184,15 @@ def device_timeline(trace_events: list[dict[str, Any]], *, steps: int, gap_s: fl
 
 def phase_times(trace_events: list[dict[str, Any]], *, steps: int) -> dict[str, dict[str, float]]:
     """The trainer's record_function phases (data, forward, backward, optimizer_step) per step: on the host
-    (``user_annotation``) and, on a device, the span of the kernels each run of the phase launched."""
+    (``user_annotation``) and, on a device, the span of the kernels and copies each run of the phase launched."""
     out: dict[str, dict[str, float]] = {}
     for phase, spans in _phase_spans(trace_events, "user_annotation").items():
         out[phase] = {"host_s": _length(spans) / steps}
     device = _device(trace_events)
     if device is not None:
         runs: dict[tuple[str, float], tuple[float, float]] = {}
-        for start, stop, phase, _, window in _kernel_phases(trace_events, device):
+        for start, stop, phase, _, window in _kernel_phases(trace_events, device,
+                                                            ("kernel", "gpu_memcpy", "gpu_memset")):
             if phase is not None and window is not None:
                 first, last = runs.get((phase, window), (start, stop))
                 runs[(phase, window)] = (min(first, start), max(last, stop))

@@ -1,4 +1,4 @@
-"""accelbench vs the HF Trainer + DeepSpeed peer on the lent GPU machine (same model, data, settings).
+"""accelbench vs the HF Trainer + DeepSpeed peer on a GPU machine (same model, data, settings).
 
 On the device machine (after ``bash benchmarks/gpu/setup_device.sh``, which installs deepspeed,
 transformers and this project into /tmp/site):
