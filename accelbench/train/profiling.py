@@ -66,9 +66,9 @@ def _device(trace_events: list[dict[str, Any]]) -> Any:
 
 
 def _kernel_phases(trace_events: list[dict[str, Any]], device: Any, cats: tuple[str, ...] = ("kernel",)
-                   ) -> list[tuple[float, float, str | None, str, float | None]]:
+                   ) -> tuple[list[tuple[float, float, str | None, str, float | None]], bool]:
     """Every kernel (or other ``cats`` event) of ``device`` as (start, end, phase, name, window), seconds, by
-    start. The phase is the trainer phase whose host span (``user_annotation``) holds the kernel's launch call,
+    start, and whether the trace marks any phase at all. The phase is the trainer phase whose host span (``user_annotation``) holds the kernel's launch call,
     matched by correlation id, from any host thread: autograd launches the backward's kernels from its own
     thread, outside the main thread's ``gpu_user_annotation``. Where spans nest, the innermost holds it.
     ``window`` is the start of that span, telling a phase's runs apart. A trace without launch records falls
@@ -95,7 +95,7 @@ def _kernel_phases(trace_events: list[dict[str, Any]], device: Any, cats: tuple[
         launch = launched.get((e.get("args") or {}).get("correlation"))
         phase, window = within(launch, host) if launch is not None else within(start, annotated)
         out.append((start, start + float(e["dur"]) / 1e6, phase, e.get("name", ""), window))
-    return sorted(out, key=lambda k: k[0])
+    return sorted(out, key=lambda k: k[0]), bool(host or annotated)
 
 
 def _length(intervals: list[tuple[float, float]]) -> float:
@@ -137,7 +137,8 @@ def device_timeline(trace_events: list[dict[str, Any]], *, steps: int, gap_s: fl
     comm, compute = [], []
     by_category: dict[str, float] = {}
     by_kernel: dict[str, float] = {}
-    for start, stop, phase, name, _ in _kernel_phases(trace_events, device):
+    kernels, phases_marked = _kernel_phases(trace_events, device)
+    for start, stop, phase, name, _ in kernels:
         cat = category(name)
         (comm if cat == "communication" else compute).append((start, stop, name, phase))
         by_category[cat] = by_category.get(cat, 0.0) + (stop - start) / steps
@@ -154,7 +155,7 @@ def device_timeline(trace_events: list[dict[str, Any]], *, steps: int, gap_s: fl
     for start, stop, name, phase in compute[1:]:
         if start > end:
             key = phase or "outside_phases"
-            idle_by_phase[key] = idle_by_phase.get(key, 0.0) + (start - end) / steps
+            idle_by_phase[key] = idle_by_phase.get(key, 0.0) + (start - end)
         if start - end > gap_s:
             key = f"{before[:50]} -> {name[:50]}"
             gaps[key] = gaps.get(key, 0.0) + (start - end) / steps
@@ -162,16 +163,15 @@ def device_timeline(trace_events: list[dict[str, Any]], *, steps: int, gap_s: fl
             end, before = stop, name
     # idle time before the first compute kernel or after the last, while communication ran, waited for no
     # phase's kernel
-    edges = span_s - busy - sum(idle_by_phase.values()) * steps
+    edges = span_s - busy - sum(idle_by_phase.values())
     if edges > 1e-9:
-        idle_by_phase["outside_phases"] = idle_by_phase.get("outside_phases", 0.0) + edges / steps
-    if not (_phase_spans(trace_events, "user_annotation") or
-            _phase_spans(trace_events, "gpu_user_annotation", pid=device)):  # no phases: nothing to attribute to
+        idle_by_phase["outside_phases"] = idle_by_phase.get("outside_phases", 0.0) + edges
+    if not phases_marked:  # nothing to attribute to
         idle_by_phase = {}
     return {
         "span_s": span_s / steps,
         "compute_busy_s": busy / steps,
-        "compute_idle_s_by_phase": dict(sorted(idle_by_phase.items())),
+        "compute_idle_s_by_phase": {k: v / steps for k, v in sorted(idle_by_phase.items())},
         "compute_busy_share": busy / span_s if span_s else 0.0,
         "communication_s": comm_s / steps,
         "communication_exposed_s": (comm_s - _overlap(compute_u, comm_u)) / steps,
@@ -192,7 +192,7 @@ def phase_times(trace_events: list[dict[str, Any]], *, steps: int) -> dict[str, 
     if device is not None:
         runs: dict[tuple[str, float], tuple[float, float]] = {}
         for start, stop, phase, _, window in _kernel_phases(trace_events, device,
-                                                            ("kernel", "gpu_memcpy", "gpu_memset")):
+                                                            ("kernel", "gpu_memcpy", "gpu_memset"))[0]:
             if phase is not None and window is not None:
                 first, last = runs.get((phase, window), (start, stop))
                 runs[(phase, window)] = (min(first, start), max(last, stop))
