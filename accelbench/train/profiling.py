@@ -68,9 +68,10 @@ def _device(trace_events: list[dict[str, Any]]) -> Any:
 def _kernel_phases(trace_events: list[dict[str, Any]], device: Any, cats: tuple[str, ...] = ("kernel",)
                    ) -> tuple[list[tuple[float, float, str | None, str, float | None]], bool]:
     """Every kernel (or other ``cats`` event) of ``device`` as (start, end, phase, name, window), seconds, by
-    start, and whether the trace marks any phase at all. The phase is the trainer phase whose host span (``user_annotation``) holds the kernel's launch call,
-    matched by correlation id, from any host thread: autograd launches the backward's kernels from its own
-    thread, outside the main thread's ``gpu_user_annotation``. Where spans nest, the innermost holds it.
+    start, and whether the trace marks any phase at all. The phase is the trainer phase whose host span
+    (``user_annotation``) holds the kernel's launch call, matched by correlation id, from any host thread:
+    autograd launches the backward's kernels from its own thread, outside the main thread's
+    ``gpu_user_annotation``. Where spans nest, the innermost holds it.
     ``window`` is the start of that span, telling a phase's runs apart. A trace without launch records falls
     back to the device-side annotation."""
     host = sorted((start, end, phase) for phase, spans in _phase_spans(trace_events, "user_annotation").items()
