@@ -656,6 +656,33 @@ def test_idle_time_at_the_edges_nested_phases_and_launches_outside_every_phase()
     assert phase_times(copy, steps=1)["data"]["device_s"] == pytest.approx(0.0005)  # 100-600 µs
 
 
+def test_idle_gaps_split_into_launched_late_and_queued_with_the_host_activity():
+    from accelbench.train.profiling import device_timeline
+
+    # main thread (tid 1): forward 0-10000 µs. The device idles from 1000 to 3000: kernel 2's launch came at
+    # 1500 (0.5 ms late), then it waited 1.5 ms (queued).
+    # Kernel 3 is launched at 7000, 3 ms after the device went idle at 4000: the host spent 4000-5000 in a
+    # cudaStreamSynchronize, 5000-6000 in an aten::copy_ holding a cudaMemcpyAsync 5200-5300, and 6000-7000 in
+    # Python inside the forward span.
+    events = _launched([("forward", 0, 10000)],
+                       [(10, 1, "nvjet", 100, 900), (1500, 1, "nvjet", 3000, 1000), (7000, 1, "nvjet", 7000, 500)])
+    events += [{"cat": "cuda_runtime", "name": "cudaStreamSynchronize", "ts": 4000, "dur": 1000, "tid": 1},
+               {"cat": "cpu_op", "name": "aten::copy_", "ts": 5000, "dur": 1000, "tid": 1},
+               {"cat": "cuda_runtime", "name": "cudaMemcpyAsync", "ts": 5200, "dur": 100, "tid": 1},
+               {"cat": "cpu_op", "name": "aten::mm", "ts": 4000, "dur": 5, "tid": 2}]  # another thread
+    t = device_timeline(events, steps=1)
+    assert t["compute_idle_s_by_phase"] == {"forward": pytest.approx(0.005)}
+    assert t["compute_idle_s_by_cause"] == {"forward": {"launched_late": pytest.approx(0.0035),
+                                                        "queued": pytest.approx(0.0015)}}
+    activity = t["launched_late_host_activity_s"]
+    assert activity == {"cudaStreamSynchronize": pytest.approx(0.001), "aten::copy_": pytest.approx(0.0009),
+                        "accelbench/forward": pytest.approx(0.0015), "cudaMemcpyAsync": pytest.approx(0.0001)}
+    assert sum(activity.values()) == pytest.approx(sum(t["compute_idle_s_by_cause"]["forward"].values()) - 0.0015)
+    # without launch records there is no cause to give
+    bare = [e for e in events if e["cat"] in ("kernel", "user_annotation")]
+    assert "compute_idle_s_by_cause" not in device_timeline(bare, steps=1)
+
+
 def test_phase_times_host_and_device():
     from accelbench.train.profiling import phase_times
 

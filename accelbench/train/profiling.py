@@ -12,7 +12,7 @@ import gzip
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 # Kernel-name fragments per category, checked in order (names differ by vendor and library version).
 CATEGORIES = (
@@ -65,20 +65,28 @@ def _device(trace_events: list[dict[str, Any]]) -> Any:
                default=None)
 
 
+class Kernel(NamedTuple):
+    start: float
+    end: float
+    phase: str | None
+    name: str
+    window: float | None  # start of the phase span holding the launch: tells a phase's runs apart
+    launched: float | None  # when the host called the launch, None without launch records
+    thread: Any  # the host thread that launched it
+
+
 def _kernel_phases(trace_events: list[dict[str, Any]], device: Any, cats: tuple[str, ...] = ("kernel",)
-                   ) -> tuple[list[tuple[float, float, str | None, str, float | None]], bool]:
-    """Every kernel (or other ``cats`` event) of ``device`` as (start, end, phase, name, window), seconds, by
-    start, and whether the trace marks any phase at all. The phase is the trainer phase whose host span
-    (``user_annotation``) holds the kernel's launch call, matched by correlation id, from any host thread:
-    autograd launches the backward's kernels from its own thread, outside the main thread's
-    ``gpu_user_annotation``. Where spans nest, the innermost holds it.
-    ``window`` is the start of that span, telling a phase's runs apart. A trace without launch records falls
-    back to the device-side annotation."""
+                   ) -> tuple[list[Kernel], bool]:
+    """Every kernel (or other ``cats`` event) of ``device``, seconds, by start, and whether the trace marks any
+    phase at all. The phase is the trainer phase whose host span (``user_annotation``) holds the kernel's
+    launch call, matched by correlation id, from any host thread: autograd launches the backward's kernels
+    from its own thread, outside the main thread's ``gpu_user_annotation``. Where spans nest, the innermost
+    holds it. A trace without launch records falls back to the device-side annotation."""
     host = sorted((start, end, phase) for phase, spans in _phase_spans(trace_events, "user_annotation").items()
                   for start, end in spans)
     annotated = sorted((start, end, phase) for phase, spans
                        in _phase_spans(trace_events, "gpu_user_annotation", pid=device).items() for start, end in spans)
-    launched = {e["args"]["correlation"]: float(e["ts"]) / 1e6 for e in trace_events
+    launched = {e["args"]["correlation"]: (float(e["ts"]) / 1e6, e.get("tid")) for e in trace_events
                 if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in (e.get("args") or {})}
 
     def within(t: float, windows: list[tuple[float, float, str]]) -> tuple[str | None, float | None]:
@@ -93,10 +101,10 @@ def _kernel_phases(trace_events: list[dict[str, Any]], device: Any, cats: tuple[
         if e.get("cat") not in cats or "ts" not in e or "dur" not in e or e.get("pid", 0) != device:
             continue
         start = float(e["ts"]) / 1e6
-        launch = launched.get((e.get("args") or {}).get("correlation"))
+        launch, thread = launched.get((e.get("args") or {}).get("correlation"), (None, None))
         phase, window = within(launch, host) if launch is not None else within(start, annotated)
-        out.append((start, start + float(e["dur"]) / 1e6, phase, e.get("name", ""), window))
-    return sorted(out, key=lambda k: k[0]), bool(host or annotated)
+        out.append(Kernel(start, start + float(e["dur"]) / 1e6, phase, e.get("name", ""), window, launch, thread))
+    return sorted(out, key=lambda k: k.start), bool(host or annotated)
 
 
 def _length(intervals: list[tuple[float, float]]) -> float:
@@ -125,13 +133,76 @@ def _overlap(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> floa
     return total
 
 
+HOST_CATS = ("cpu_op", "user_annotation", "cuda_runtime", "cuda_driver", "python_function")
+
+
+def _innermost_segments(trace_events: list[dict[str, Any]]) -> dict[Any, tuple[list[float], list[tuple[float, str]]]]:
+    """Per host thread, its time cut into segments named by the innermost host event running (an aten op, a
+    CUDA runtime call such as cudaStreamSynchronize, a phase span where Python runs between ops), as
+    (segment starts, [(end, name)]) for bisecting; time outside every event is not covered."""
+    by_thread: dict[Any, list[tuple[float, float, str]]] = {}
+    for e in trace_events:
+        if e.get("cat") in HOST_CATS and "ts" in e and "dur" in e:
+            start = float(e["ts"]) / 1e6
+            by_thread.setdefault(e.get("tid"), []).append((start, start + float(e["dur"]) / 1e6, e.get("name", "")))
+    out = {}
+    for tid, events in by_thread.items():
+        starts: list[float] = []
+        ends: list[tuple[float, str]] = []
+
+        def emit(a: float, b: float, name: str) -> None:
+            if b > a:
+                starts.append(a)
+                ends.append((b, name))
+
+        stack: list[tuple[float, str]] = []  # (end, name) of the open events, innermost last
+        cursor = 0.0
+        for start, end, name in sorted(events, key=lambda e: (e[0], -e[1])):
+            while stack and stack[-1][0] <= start:
+                top_end, top = stack.pop()
+                emit(cursor, top_end, top)
+                cursor = max(cursor, top_end)
+            if stack:
+                emit(cursor, start, stack[-1][1])
+            cursor = start
+            stack.append((min(end, stack[-1][0]) if stack else end, name))  # a child never outlives its parent
+        while stack:
+            top_end, top = stack.pop()
+            emit(cursor, top_end, top)
+            cursor = max(cursor, top_end)
+        out[tid] = (starts, ends)
+    return out
+
+
+def _host_activity(segments: tuple[list[float], list[tuple[float, str]]], a: float, b: float,
+                   into: dict[str, float]) -> None:
+    """Adds to ``into`` the seconds of [a, b] each innermost host event covered ("idle or untraced" for none)."""
+    starts, ends = segments
+    covered = 0.0
+    for i in range(max(bisect.bisect_right(starts, a) - 1, 0), len(starts)):
+        if starts[i] >= b:
+            break
+        overlap = min(ends[i][0], b) - max(starts[i], a)
+        if overlap > 0:
+            into[ends[i][1]] = into.get(ends[i][1], 0.0) + overlap
+            covered += overlap
+    if b - a - covered > 1e-12:
+        into["idle or untraced"] = into.get("idle or untraced", 0.0) + (b - a - covered)
+
+
 def device_timeline(trace_events: list[dict[str, Any]], *, steps: int, gap_s: float = 1e-3) -> dict[str, Any]:
     """Is the device starved? From a chrome trace's kernel events (``cat == "kernel"``, ``ts``/``dur`` in
     µs) of one device: the time any compute kernel runs, communication not hidden under compute, idle
     gaps longer than ``gap_s`` on the compute side (the host or a wait holding the device up) with the
     kernels on either side of the longest ones, the compute side's idle time by the trainer phase that
     launched the kernel ending each gap (the kernel the device waited for), and kernel time per category
-    and per kernel. Everything per step, between the first and the last kernel of the profiled span."""
+    and per kernel. Everything per step, between the first and the last kernel of the profiled span.
+
+    Each idle gap between compute kernels also gets a cause. ``launched_late``: the host had not yet called
+    the launch of the kernel ending the gap, and ``launched_late_host_activity_s`` says what that host thread
+    ran meanwhile (the innermost op or runtime call; a phase name means Python between ops). ``queued``: the
+    kernel was launched in time but waited, on a dependency on another stream (an all-gather, a copy) or
+    the launch's own latency."""
     device = _device(trace_events)
     if device is None:
         return {}
@@ -139,29 +210,39 @@ def device_timeline(trace_events: list[dict[str, Any]], *, steps: int, gap_s: fl
     by_category: dict[str, float] = {}
     by_kernel: dict[str, float] = {}
     kernels, phases_marked = _kernel_phases(trace_events, device)
-    for start, stop, phase, name, _ in kernels:
-        cat = category(name)
-        (comm if cat == "communication" else compute).append((start, stop, name, phase))
-        by_category[cat] = by_category.get(cat, 0.0) + (stop - start) / steps
-        by_kernel[name[:80]] = by_kernel.get(name[:80], 0.0) + (stop - start) / steps
-    compute_u, comm_u = _union([c[:2] for c in compute]), _union([c[:2] for c in comm])
+    for k in kernels:
+        cat = category(k.name)
+        (comm if cat == "communication" else compute).append(k)
+        by_category[cat] = by_category.get(cat, 0.0) + (k.end - k.start) / steps
+        by_kernel[k.name[:80]] = by_kernel.get(k.name[:80], 0.0) + (k.end - k.start) / steps
+    compute_u, comm_u = _union([(k.start, k.end) for k in compute]), _union([(k.start, k.end) for k in comm])
     every = compute_u + comm_u
     span_s = max(e for _, e in every) - min(s for s, _ in every)
     busy, comm_s = _length(compute_u), _length(comm_u)
+    host = _innermost_segments(trace_events) if any(k.launched is not None for k in compute) else {}
     # gaps between consecutive compute kernels (by start): the long ones named by the kernels around them,
-    # every one counted for the phase that launched the kernel ending it
+    # every one counted for the phase that launched the kernel ending it, and split by cause
     gaps: dict[str, float] = {}
     idle_by_phase: dict[str, float] = {}
-    end, before = compute[0][1:3] if compute else (0.0, "")
-    for start, stop, name, phase in compute[1:]:
-        if start > end:
-            key = phase or "outside_phases"
-            idle_by_phase[key] = idle_by_phase.get(key, 0.0) + (start - end)
-        if start - end > gap_s:
-            key = f"{before[:50]} -> {name[:50]}"
-            gaps[key] = gaps.get(key, 0.0) + (start - end) / steps
-        if stop > end:
-            end, before = stop, name
+    by_cause: dict[str, dict[str, float]] = {}
+    activity: dict[str, float] = {}
+    end, before = (compute[0].end, compute[0].name) if compute else (0.0, "")
+    for k in compute[1:]:
+        if k.start > end:
+            key = k.phase or "outside_phases"
+            idle_by_phase[key] = idle_by_phase.get(key, 0.0) + (k.start - end)
+            if k.launched is not None:
+                late = min(max(k.launched - end, 0.0), k.start - end)
+                causes = by_cause.setdefault(key, {"launched_late": 0.0, "queued": 0.0})
+                causes["launched_late"] += late
+                causes["queued"] += k.start - end - late
+                if late > 0 and k.thread in host:
+                    _host_activity(host[k.thread], end, end + late, activity)
+        if k.start - end > gap_s:
+            key = f"{before[:50]} -> {k.name[:50]}"
+            gaps[key] = gaps.get(key, 0.0) + (k.start - end) / steps
+        if k.end > end:
+            end, before = k.end, k.name
     # idle time before the first compute kernel or after the last, while communication ran, waited for no
     # phase's kernel
     edges = span_s - busy - sum(idle_by_phase.values())
@@ -169,7 +250,7 @@ def device_timeline(trace_events: list[dict[str, Any]], *, steps: int, gap_s: fl
         idle_by_phase["outside_phases"] = idle_by_phase.get("outside_phases", 0.0) + edges
     if not phases_marked:  # nothing to attribute to
         idle_by_phase = {}
-    return {
+    out = {
         "span_s": span_s / steps,
         "compute_busy_s": busy / steps,
         "compute_idle_s_by_phase": {k: v / steps for k, v in sorted(idle_by_phase.items())},
@@ -181,6 +262,12 @@ def device_timeline(trace_events: list[dict[str, Any]], *, steps: int, gap_s: fl
         "kernel_s_by_category": dict(sorted(by_category.items())),
         "top_kernels_s": dict(sorted(by_kernel.items(), key=lambda kv: -kv[1])[:12]),
     }
+    if by_cause:
+        out["compute_idle_s_by_cause"] = {phase: {c: v / steps for c, v in causes.items()}
+                                          for phase, causes in sorted(by_cause.items())}
+        out["launched_late_host_activity_s"] = {name[:80]: v / steps for name, v in
+                                                sorted(activity.items(), key=lambda kv: -kv[1])[:12]}
+    return out
 
 
 def phase_times(trace_events: list[dict[str, Any]], *, steps: int) -> dict[str, dict[str, float]]:
@@ -192,11 +279,10 @@ def phase_times(trace_events: list[dict[str, Any]], *, steps: int) -> dict[str, 
     device = _device(trace_events)
     if device is not None:
         runs: dict[tuple[str, float], tuple[float, float]] = {}
-        for start, stop, phase, _, window in _kernel_phases(trace_events, device,
-                                                            ("kernel", "gpu_memcpy", "gpu_memset"))[0]:
-            if phase is not None and window is not None:
-                first, last = runs.get((phase, window), (start, stop))
-                runs[(phase, window)] = (min(first, start), max(last, stop))
+        for k in _kernel_phases(trace_events, device, ("kernel", "gpu_memcpy", "gpu_memset"))[0]:
+            if k.phase is not None and k.window is not None:
+                first, last = runs.get((k.phase, k.window), (k.start, k.end))
+                runs[(k.phase, k.window)] = (min(first, k.start), max(last, k.end))
         for phase in {p for p, _ in runs}:
             spans = _union([span for (p, _), span in runs.items() if p == phase])
             out.setdefault(phase, {})["device_s"] = _length(spans) / steps

@@ -6,10 +6,12 @@
 #         fixed-CASE-STAGE (every sample 1024 tokens, 576 of them image tokens)
 # ABLATE=lever,lever adds one accelbench run per lever without it (peer-/fixed- phases); NO_PEER=1 skips the
 # peer; STEPS (default 10); PROF_STEPS (prof- phases, default 5: steps 3-4 profiled, the later ones not);
-# PHASE_TIMEOUT and PATH_TIMEOUT (seconds per phase and per path).
+# PHASE_TIMEOUT and PATH_TIMEOUT (seconds per phase and per path); TAG names the outputs of a run that differs
+# by its environment (e.g. TAG=nccl8 NCCL_MAX_CTAS=8 ...), so that two suite runs in one call keep both.
 # PHASE@NAME (prof-, peer-, fixed- phases) merges benchmarks/gpu/ds/NAME.json over the DeepSpeed config of
 # every path in it (accelbench run --ds-config), e.g. prof-13b-finetune@zero3-prefetch.
-# Everything lands in $OUT (logs, result.json copies, the comparison JSON).
+# Everything lands in $OUT (logs, result.json copies, the comparison JSON) as results.tgz; the prof- phases'
+# slimmed traces (benchmarks/gpu/slim_trace.py) come back beside it as LABEL.trace.json.gz.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 bash benchmarks/gpu/setup_device.sh || exit 1
@@ -20,8 +22,8 @@ STEPS=${STEPS:-10}
 WITHOUT=${WITHOUT:-}  # set by the liger phase when the fused kernels are unusable here
 keep() { mkdir -p "$OUT/$2"; cp "$1"/result.json "$1"/report.md "$1"/events.jsonl "$OUT/$2/" 2>/dev/null; cp -r "$1"/failures "$1"/hang "$OUT/$2/" 2>/dev/null; }
 for arg in "$@"; do
-  phase=${arg%@*}; tuned=(); label=$phase
-  if [ "$arg" != "$phase" ]; then tuned=(--ds-config "benchmarks/gpu/ds/${arg#*@}.json"); label=$phase-${arg#*@}; fi
+  phase=${arg%@*}; tuned=(); label=$phase${TAG:+-$TAG}
+  if [ "$arg" != "$phase" ]; then tuned=(--ds-config "benchmarks/gpu/ds/${arg#*@}.json"); label=$label-${arg#*@}; fi
   echo "=== $arg ($(date +%T))"
   case $phase in
     info)
@@ -48,6 +50,9 @@ for arg in "$@"; do
         --nproc-per-node "$NPROC" --steps "${PROF_STEPS:-5}" --profile 3-4 --no-eval --out "/tmp/$label" "${tuned[@]}" \
         ${WITHOUT:+--without $WITHOUT} 2>&1 | grep -v "INFO\|Backend impl" | tail -8
       keep "/tmp/$label" "$label"; cp "/tmp/$label/$stage/profile/summary."* "$OUT/$label/" 2>/dev/null
+      # the trace, cut to what the timeline analysis reads, comes back beside the archive (16 MiB a file)
+      mkdir -p /tmp/slim && python3 benchmarks/gpu/slim_trace.py "/tmp/$label/$stage/profile/trace.json.gz" \
+        "/tmp/slim/$label.trace.json.gz" && ls -la "/tmp/slim/$label.trace.json.gz"
       cat "$OUT/$label/summary.json" 2>/dev/null ;;
     peer-*|fixed-*)
       IFS=- read -r kind size stage <<< "$phase"
@@ -76,4 +81,5 @@ if [ -f results.tgz ]; then
     mkdir -p "$(dirname "$dest")" && mv "$earlier/$f" "$dest"
   done
 fi
-tar -czf /tmp/results.tgz . && rm -rf ./* && mv /tmp/results.tgz .
+tar -czf /tmp/results.tgz --exclude='*.trace.json.gz' . && find . -mindepth 1 -maxdepth 1 ! -name '*.trace.json.gz' \
+  -exec rm -rf {} + && mv /tmp/results.tgz . && { mv /tmp/slim/*.trace.json.gz . 2>/dev/null; true; }
