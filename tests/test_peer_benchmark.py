@@ -149,6 +149,35 @@ def test_loss_check_counts_repeats_across_calls_as_noise_and_pairs_every_accelbe
     assert "x2/call: hf-trainer vs x2-again/call: hf-trainer" in out and "verdict: none" in out
 
 
+def test_loss_check_with_four_runs_a_path_tests_the_mean_curves_by_permutation() -> None:
+    _, loss_check, _ = _gpu_benchmarks()
+
+    def runs(path: str, finals: list[float]) -> list:
+        # steps 1-2 repeat exactly; step 3 spreads from run to run, as a chaotic stretch of training does
+        return [loss_check.Curve(f"{path} {i}", path, (4.0, 3.0, x)) for i, x in enumerate(finals)]
+
+    # the extremes fall to different paths, so the largest-pair rule says outside (0.6 / 2.2 = 27 % against
+    # a floor of 0.5 / 2.3 = 22 %); the means differ by 0.05, far inside their spread
+    spread = loss_check.check(runs("accelbench", [2.3, 2.4, 2.6, 2.8]) + runs("hf-trainer", [2.2, 2.5, 2.6, 2.6]))
+    assert spread.largest_cross.value > spread.largest_floor.value
+    assert spread.means.runs == (4, 4) and spread.means.step == 3
+    assert spread.means.p > 0.5 and spread.within
+    # every accelbench run under every peer run: only the observed split and its mirror are this extreme
+    shifted = loss_check.check(runs("accelbench", [2.0, 2.05, 2.1, 2.15]) + runs("hf-trainer", [2.6, 2.65, 2.7, 2.75]))
+    assert math.isclose(shifted.means.p, 2 / 70) and not shifted.within
+    assert "permutation p = 0.029" in loss_check.report(shifted) and "OUTSIDE the noise floor (permutation test)" \
+        in loss_check.report(shifted)
+    # a gap the runs repeat exactly (no spread to measure it by) is as extreme as a gap can be, unless it is
+    # under RESOLUTION: kernels that round differently
+    exact = loss_check.check(runs("accelbench", [2.0] * 4) + runs("hf-trainer", [2.1] * 4))
+    assert exact.means.statistic == math.inf and not exact.within
+    tiny = loss_check.check(runs("accelbench", [2.0] * 4) + runs("hf-trainer", [2.0001] * 4))
+    assert tiny.means.statistic == 0 and tiny.within
+    # three runs a path: the test could not fail at 5 %, so the largest-pair rule decides
+    few = loss_check.check(runs("accelbench", [2.3, 2.4, 2.8]) + runs("hf-trainer", [2.2, 2.5, 2.6]))
+    assert few.means is None and few.within is (few.largest_cross.value <= few.largest_floor.value)
+
+
 def test_peer_takes_the_zero3_buckets_accelbench_plan_resolved() -> None:
     cc, _, _ = _gpu_benchmarks()
     s = cc.Settings(stage="finetune")

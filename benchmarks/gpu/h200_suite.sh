@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The measurements recorded in docs/gpu-h200.md and docs/performance.md, run through the device tool:
 #   bash benchmarks/gpu/h200_suite.sh PHASE...
-# phases: info varlen liger run7b run13b mem7b mem13b auto7b prof-CASE-STAGE (e.g. prof-13b-finetune)
+# phases: info nccl varlen liger run7b run13b mem7b mem13b auto7b prof-CASE-STAGE (e.g. prof-13b-finetune)
 #         peer-CASE-STAGE (e.g. peer-13b-pretrain, peer-13b-finetune, peer-7b-finetune) and
 #         fixed-CASE-STAGE (every sample 1024 tokens, 576 of them image tokens)
 # ABLATE=lever,lever adds one accelbench run per lever without it (peer-/fixed- phases); NO_PEER=1 skips the
@@ -42,6 +42,11 @@ for arg in "$@"; do
       timeout 190 python3 -m accelbench run --case llava1.5-7b --stages finetune --mbs auto --nproc-per-node "$NPROC" \
         --steps 3 --no-eval --hang-timeout 120 --out /tmp/auto7b ${WITHOUT:+--without $WITHOUT} 2>&1 | grep -v "INFO" | tail -12
       keep /tmp/auto7b auto7b ;;
+    nccl)  # the interconnect: topology, NCCL's transport, and collective bandwidth with nothing beside it
+      nvidia-smi topo -m | tee "$OUT/topo.txt"
+      NCCL_DEBUG=INFO timeout 120 python3 -m torch.distributed.run --nproc-per-node "$NPROC" benchmarks/gpu/nccl_bw.py \
+        > "$OUT/nccl_bw.log" 2>&1
+      grep -E "via|Channel 00|^\{" "$OUT/nccl_bw.log" | sort -u | head -24 ;;
     varlen)
       python3 benchmarks/gpu/check_varlen.py 2>&1 | tail -3 ;;
     prof-*)  # e.g. prof-13b-finetune: torch.profiler over steps 3-4, summaries to $OUT/prof-.../

@@ -7,8 +7,14 @@ The **noise floor** is the largest per-step relative loss difference between two
 - the same path run again (``--repeats``, or another device call of the same phase);
 - accelbench against itself with a lever off that changes only rounding (``ROUNDING_ONLY``).
 
-The check passes when no accelbench-vs-peer pair differs by more than the floor (exit 0; 1: outside; 2: no floor
-or no pair measured). Give it the JSON files of ``compare_peer.py --json`` from one or more calls of the same phase
+With few runs, the check passes when no accelbench-vs-peer pair differs by more than the floor. That rule pits
+the most extreme pair of runs against each other, so it fails more often the more runs there are, even between two
+runs of one path split at random. With ``MIN_RUNS`` runs of each path or more, the check is therefore a
+**permutation test** of the two mean curves instead: the statistic is the largest, over the steps, of the gap
+between the paths' mean losses (less ``RESOLUTION``) over its standard error, and the test compares it with the
+same statistic for every other split of the runs into two groups of those sizes. It passes when the observed split
+is not among the most extreme ``ALPHA`` of them (p >= ALPHA). Exit 0: within; 1: outside; 2: no floor or no pair
+measured. Give it the JSON files of ``compare_peer.py --json`` from one or more calls of the same phase
 on the same machine kind, run by the same code (a run from before a change to the objective computes another
 function):
 
@@ -19,6 +25,9 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
+import random
+import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +42,11 @@ ROUNDING_ONLY = ("packing", "target-loss", "fused-kernels", "zero3-buckets")
 # gaps below this count as equal: deterministic fp32 runs (CPU) repeat exactly, so their floor is 0, while the
 # two paths' kernels still round differently at the 1e-6 level
 RESOLUTION = 1e-4
+# the permutation test: with 4 runs a path there are 70 splits, so the smallest possible p (the observed split and
+# its mirror image) is 2/70, under ALPHA; with 3 it is 2/20 and the test could never fail
+MIN_RUNS = 4
+ALPHA = 0.05
+EXACT_SPLITS = 20_000  # beyond this many splits, a seeded random sample of this many
 
 
 @dataclass(frozen=True)
@@ -54,9 +68,60 @@ class Gap:
 
 
 @dataclass(frozen=True)
+class MeanTest:
+    statistic: float  # largest over the steps of the mean-curve gap (less RESOLUTION) over its standard error
+    step: int  # 1-based
+    p: float  # share of the splits of the runs whose statistic is as large or larger
+    runs: tuple[int, int]  # accelbench runs, peer runs
+
+    def __str__(self) -> str:
+        return (f"mean curves ({self.runs[0]} accelbench runs, {self.runs[1]} peer runs): largest gap "
+                f"{self.statistic:.2f} standard errors (step {self.step}), permutation p = {self.p:.3f}")
+
+
+def _standardized_gap(a: Sequence[Sequence[float]], b: Sequence[Sequence[float]]) -> tuple[float, int]:
+    """Largest over the steps of |mean(a) - mean(b)|, less RESOLUTION of mean(b), over the standard error of the
+    difference (Welch's), and its 1-based step. A gap with no spread at all to measure it by is infinite."""
+    best, where = 0.0, 1
+    for step, (xs, ys) in enumerate(zip(zip(*a), zip(*b)), start=1):
+        gap = abs(statistics.fmean(xs) - statistics.fmean(ys)) - RESOLUTION * abs(statistics.fmean(ys))
+        if gap <= 0:
+            continue
+        se = math.sqrt(statistics.variance(xs) / len(xs) + statistics.variance(ys) / len(ys))
+        value = gap / se if se > 0 else math.inf
+        if value > best:
+            best, where = value, step
+    return best, where
+
+
+def mean_test(accelbench: Sequence[Curve], peer: Sequence[Curve]) -> MeanTest | None:
+    """The permutation test of the two paths' mean curves, None with fewer than MIN_RUNS runs of a path."""
+    if min(len(accelbench), len(peer)) < MIN_RUNS:
+        return None
+    pooled = [c.losses for c in (*accelbench, *peer)]
+    n = len(accelbench)
+    observed, step = _standardized_gap(pooled[:n], pooled[n:])
+    every = math.comb(len(pooled), n)
+    if every <= EXACT_SPLITS:
+        splits: Iterable[tuple[int, ...]] = itertools.combinations(range(len(pooled)), n)
+    else:
+        rng = random.Random(0)
+        splits = [(*range(n),)] + [tuple(rng.sample(range(len(pooled)), n)) for _ in range(EXACT_SPLITS - 1)]
+    hits = total = 0
+    for chosen in splits:
+        picked = set(chosen)
+        value, _ = _standardized_gap([pooled[i] for i in chosen],
+                                     [pooled[i] for i in range(len(pooled)) if i not in picked])
+        hits += value >= observed
+        total += 1
+    return MeanTest(observed, step, hits / total, (n, len(peer)))
+
+
+@dataclass(frozen=True)
 class Verdict:
     floor: list[Gap]  # every pair of runs of the same function
     cross: list[Gap]  # every accelbench-vs-peer pair
+    means: MeanTest | None = None  # with MIN_RUNS runs of each path
 
     @property
     def largest_floor(self) -> Gap | None:
@@ -68,7 +133,10 @@ class Verdict:
 
     @property
     def within(self) -> bool | None:
-        """None when either side was not measured."""
+        """The permutation test where there are runs enough, else the largest-pair rule; None when either side
+        was not measured."""
+        if self.means is not None:
+            return self.means.p >= ALPHA
         if self.largest_floor is None or self.largest_cross is None:
             return None
         return self.largest_cross.value <= max(self.largest_floor.value, RESOLUTION)
@@ -108,7 +176,7 @@ def check(curves: Iterable[Curve]) -> Verdict:
         gap = largest_gap(a, b)
         if gap:
             target.append(gap)
-    return Verdict(floor, cross)
+    return Verdict(floor, cross, mean_test([c for c in runs if c.path == ACCELBENCH], [c for c in runs if c.path == PEER]))
 
 
 # what makes two compare_peer.py files the same phase: the peer's summary of each file
@@ -174,12 +242,15 @@ def report(verdict: Verdict) -> str:
                      f"{verdict.largest_floor.value:.2%} (step {verdict.largest_floor.step})")
     for title, gaps in (("same function", verdict.floor), ("accelbench vs peer", verdict.cross)):
         lines += [f"  {title}: {g}" for g in sorted(gaps, key=lambda g: -g.value)]
+    if verdict.means is not None:
+        lines.append(f"{verdict.means} (within at p >= {ALPHA}; it decides, with {MIN_RUNS}+ runs of each path)")
     if verdict.within is None:
         lines.append("verdict: none: " + ("no noise floor" if verdict.largest_floor is None else
                                           "no accelbench-vs-peer pair") + " measured (run a repeat or a "
                      "rounding-only ablation, and both paths)")
     else:
-        lines.append("verdict: " + ("within" if verdict.within else "OUTSIDE") + " the noise floor")
+        lines.append("verdict: " + ("within" if verdict.within else "OUTSIDE") + " the noise floor"
+                     + (" (permutation test)" if verdict.means is not None else " (largest pair against the floor)"))
     return "\n".join(lines)
 
 
