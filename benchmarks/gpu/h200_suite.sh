@@ -46,7 +46,10 @@ for arg in "$@"; do
       nvidia-smi topo -m | tee "$OUT/topo.txt"
       NCCL_DEBUG=INFO timeout 120 python3 -m torch.distributed.run --nproc-per-node "$NPROC" benchmarks/gpu/nccl_bw.py \
         > "$OUT/nccl_bw.log" 2>&1
-      grep -E "via|Channel 00|^\{" "$OUT/nccl_bw.log" | sort -u | head -24 ;;
+      grep -E "via|Channel 00|^\{" "$OUT/nccl_bw.log" | sort -u | head -24
+      echo "with NCCL_PROTO=Simple:"  # NCCL's protocol choice against its bulk-transfer protocol
+      NCCL_PROTO=Simple timeout 120 python3 -m torch.distributed.run --nproc-per-node "$NPROC" benchmarks/gpu/nccl_bw.py \
+        2>&1 | grep "^{" | tee "$OUT/nccl_bw_simple.log" ;;
     varlen)
       python3 benchmarks/gpu/check_varlen.py 2>&1 | tail -3 ;;
     prof-*)  # e.g. prof-13b-finetune: torch.profiler over steps 3-4, summaries to $OUT/prof-.../
