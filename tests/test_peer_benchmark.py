@@ -173,6 +173,10 @@ def test_loss_check_with_four_runs_a_path_tests_the_mean_curves_by_permutation()
     assert exact.means.statistic == math.inf and not exact.within
     tiny = loss_check.check(runs("accelbench", [2.0] * 4) + runs("hf-trainer", [2.0001] * 4))
     assert tiny.means.statistic == 0 and tiny.within
+    # runs of one process: the largest-pair rule calls most groups outside, the test few (seeded, so repeatable)
+    rates = loss_check.simulate(4, trials=40, seed=0)
+    assert rates["largest pair"] > 0.3 and rates["permutation test"] < 0.15
+    assert set(loss_check.simulate(3, trials=2)) == {"largest pair"}
     # three runs a path: the test could not fail at 5 %, so the largest-pair rule decides
     few = loss_check.check(runs("accelbench", [2.3, 2.4, 2.8]) + runs("hf-trainer", [2.2, 2.5, 2.6]))
     assert few.means is None and few.within is (few.largest_cross.value <= few.largest_floor.value)

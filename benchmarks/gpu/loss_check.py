@@ -254,10 +254,39 @@ def report(verdict: Verdict) -> str:
     return "\n".join(lines)
 
 
+def simulate(runs: int, trials: int, seed: int = 0, steps: int = 20, drift: float = 0.01) -> dict[str, float]:
+    """How often each rule says *outside* for two groups of ``runs`` curves of one process: losses that wander at
+    random (``drift`` relative per step) from one start, as runs of one function do once rounding has split them."""
+    rng = random.Random(seed)
+    outside = {"largest pair": 0, "permutation test": 0}
+    for _ in range(trials):
+        group = []
+        for i in range(2 * runs):
+            loss, curve = 5.0, []
+            for _ in range(steps):
+                loss *= 1 + rng.gauss(0, drift)
+                curve.append(loss)
+            group.append(Curve(str(i), ACCELBENCH if i < runs else PEER, tuple(curve)))
+        verdict = check(group)
+        outside["largest pair"] += verdict.largest_cross.value > max(verdict.largest_floor.value, RESOLUTION)
+        if verdict.means is not None:
+            outside["permutation test"] += verdict.means.p < ALPHA
+    return {rule: n / trials for rule, n in outside.items() if rule == "largest pair" or runs >= MIN_RUNS}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("files", nargs="+", type=Path, help="compare_peer.py --json outputs of the same phase")
+    p.add_argument("files", nargs="*", type=Path, help="compare_peer.py --json outputs of the same phase")
+    p.add_argument("--simulate", type=int, metavar="RUNS",
+                   help="instead: how often each rule says outside for RUNS runs a path of one process")
+    p.add_argument("--trials", type=int, default=300)
     a = p.parse_args(argv)
+    if a.simulate:
+        for rule, share in simulate(a.simulate, a.trials).items():
+            print(f"{a.simulate} runs a path of one process, {a.trials} trials: {rule} says outside in {share:.1%}")
+        return 0
+    if not a.files:
+        p.error("give compare_peer.py --json files (or --simulate RUNS)")
     verdict = check(curves_from_json(a.files))
     print(report(verdict))
     return {True: 0, False: 1, None: 2}[verdict.within]
