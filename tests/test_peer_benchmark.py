@@ -167,16 +167,25 @@ def test_loss_check_with_four_runs_a_path_tests_the_mean_curves_by_permutation()
     assert math.isclose(shifted.means.p, 2 / 70) and not shifted.within
     assert "permutation p = 0.029" in loss_check.report(shifted) and "OUTSIDE the noise floor (permutation test)" \
         in loss_check.report(shifted)
-    # a gap the runs repeat exactly (no spread to measure it by) is as extreme as a gap can be, unless it is
-    # under RESOLUTION: kernels that round differently
+    # the statistic is symmetric: the peer above or below gives the same p
+    mirrored = loss_check.check(runs("accelbench", [2.6, 2.65, 2.7, 2.75]) + runs("hf-trainer", [2.0, 2.05, 2.1, 2.15]))
+    assert math.isclose(mirrored.means.p, 2 / 70)
+    # steps every run of a path repeats exactly have no spread to judge a gap by: left out of the test, their gap
+    # held to the largest-pair floor. A 1.5e-4 offset there (kernels rounding differently) with noise later: within
+    offset = [loss_check.Curve(c.label, c.path, (4.0006,) + c.losses[1:]) for c in runs("accelbench", [2.3, 2.4, 2.6, 2.8])]
+    rounded = loss_check.check(offset + runs("hf-trainer", [2.2, 2.5, 2.6, 2.6]))
+    assert rounded.means.exact_steps == 2 and math.isclose(rounded.means.exact_gap, 1.5e-4) and rounded.within
+    # every step repeats exactly and the paths differ by 5 %: no floor at all, so outside
     exact = loss_check.check(runs("accelbench", [2.0] * 4) + runs("hf-trainer", [2.1] * 4))
-    assert exact.means.statistic == math.inf and not exact.within
+    assert exact.means.exact_steps == 3 and not exact.within
     tiny = loss_check.check(runs("accelbench", [2.0] * 4) + runs("hf-trainer", [2.0001] * 4))
-    assert tiny.means.statistic == 0 and tiny.within
+    assert tiny.within
     # runs of one process: the largest-pair rule calls most groups outside, the test few (seeded, so repeatable)
     rates = loss_check.simulate(4, trials=40, seed=0)
     assert rates["largest pair"] > 0.3 and rates["permutation test"] < 0.15
     assert set(loss_check.simulate(3, trials=2)) == {"largest pair"}
+    with pytest.raises(ValueError, match="2 or more runs"):
+        loss_check.simulate(1, trials=2)
     # three runs a path: the test could not fail at 5 %, so the largest-pair rule decides
     few = loss_check.check(runs("accelbench", [2.3, 2.4, 2.8]) + runs("hf-trainer", [2.2, 2.5, 2.6]))
     assert few.means is None and few.within is (few.largest_cross.value <= few.largest_floor.value)

@@ -659,13 +659,13 @@ def test_idle_time_at_the_edges_nested_phases_and_launches_outside_every_phase()
 def test_idle_gaps_split_into_launched_late_and_queued_with_the_host_activity():
     from accelbench.train.profiling import device_timeline
 
-    # main thread (tid 1): forward 0-10000 µs. The device idles from 1000 to 3000: kernel 2's launch came at
-    # 1500 (0.5 ms late), then it waited 1.5 ms (queued).
-    # Kernel 3 is launched at 7000, 3 ms after the device went idle at 4000: the host spent 4000-5000 in a
+    # main thread (tid 1): forward 0-10000 µs; each launch call takes 5 µs. The device idles from 1000 to 3000:
+    # kernel 2's launch call returned at 1500 (0.5 ms late), then it waited 1.5 ms (queued).
+    # Kernel 3's launch returned at 7000, 3 ms after the device went idle at 4000: the host spent 4000-5000 in a
     # cudaStreamSynchronize, 5000-6000 in an aten::copy_ holding a cudaMemcpyAsync 5200-5300, and 6000-7000 in
-    # Python inside the forward span.
+    # Python inside the forward span (and its launch call).
     events = _launched([("forward", 0, 10000)],
-                       [(10, 1, "nvjet", 100, 900), (1500, 1, "nvjet", 3000, 1000), (7000, 1, "nvjet", 7000, 500)])
+                       [(10, 1, "nvjet", 100, 900), (1495, 1, "nvjet", 3000, 1000), (6995, 1, "nvjet", 7000, 500)])
     events += [{"cat": "cuda_runtime", "name": "cudaStreamSynchronize", "ts": 4000, "dur": 1000, "tid": 1},
                {"cat": "cpu_op", "name": "aten::copy_", "ts": 5000, "dur": 1000, "tid": 1},
                {"cat": "cuda_runtime", "name": "cudaMemcpyAsync", "ts": 5200, "dur": 100, "tid": 1},
@@ -676,11 +676,32 @@ def test_idle_gaps_split_into_launched_late_and_queued_with_the_host_activity():
                                                         "queued": pytest.approx(0.0015)}}
     activity = t["launched_late_host_activity_s"]
     assert activity == {"cudaStreamSynchronize": pytest.approx(0.001), "aten::copy_": pytest.approx(0.0009),
-                        "accelbench/forward": pytest.approx(0.0015), "cudaMemcpyAsync": pytest.approx(0.0001)}
+                        "accelbench/forward": pytest.approx(0.00149), "cudaMemcpyAsync": pytest.approx(0.0001),
+                        "cudaLaunchKernel": pytest.approx(0.00001)}
     assert sum(activity.values()) == pytest.approx(sum(t["compute_idle_s_by_cause"]["forward"].values()) - 0.0015)
     # without launch records there is no cause to give
     bare = [e for e in events if e["cat"] in ("kernel", "user_annotation")]
     assert "compute_idle_s_by_cause" not in device_timeline(bare, steps=1)
+
+
+def test_host_activity_names_the_innermost_event_at_every_moment():
+    from accelbench.train.profiling import _host_activity, _innermost_segments
+
+    def op(name, ts, dur, tid=1):
+        return {"cat": "cpu_op", "name": name, "ts": ts, "dur": dur, "tid": tid}
+
+    # A 0-100 µs holds B 20-40 (and a zero-length C at 20) and D from 60, which outlives A and is cut at A's end;
+    # E 200-210 stands alone; thread 2's op does not count for thread 1
+    segments = _innermost_segments([op("A", 0, 100), op("B", 20, 20), op("C", 20, 0), op("D", 60, 70),
+                                    op("E", 200, 10), op("F", 0, 300, tid=2)])
+    into: dict = {}
+    _host_activity(segments[1], 0.0, 300e-6, into)
+    assert into == {"A": pytest.approx(40e-6), "B": pytest.approx(20e-6), "D": pytest.approx(40e-6),
+                    "E": pytest.approx(10e-6), "idle or untraced": pytest.approx(190e-6)}
+    # a window starting inside a segment counts only its own part of it
+    part: dict = {}
+    _host_activity(segments[1], 30e-6, 70e-6, part)
+    assert part == {"B": pytest.approx(10e-6), "A": pytest.approx(20e-6), "D": pytest.approx(10e-6)}
 
 
 def test_phase_times_host_and_device():

@@ -73,6 +73,7 @@ class Kernel(NamedTuple):
     window: float | None  # start of the phase span holding the launch: tells a phase's runs apart
     launched: float | None  # when the host called the launch, None without launch records
     thread: Any  # the host thread that launched it
+    launch_end: float | None  # when that launch call returned
 
 
 def _kernel_phases(trace_events: list[dict[str, Any]], device: Any, cats: tuple[str, ...] = ("kernel",)
@@ -86,7 +87,8 @@ def _kernel_phases(trace_events: list[dict[str, Any]], device: Any, cats: tuple[
                   for start, end in spans)
     annotated = sorted((start, end, phase) for phase, spans
                        in _phase_spans(trace_events, "gpu_user_annotation", pid=device).items() for start, end in spans)
-    launched = {e["args"]["correlation"]: (float(e["ts"]) / 1e6, e.get("tid")) for e in trace_events
+    launched = {e["args"]["correlation"]: (float(e["ts"]) / 1e6, e.get("tid"), (float(e["ts"]) + float(e.get("dur", 0))) / 1e6)
+                for e in trace_events
                 if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in (e.get("args") or {})}
 
     def within(t: float, windows: list[tuple[float, float, str]]) -> tuple[str | None, float | None]:
@@ -101,9 +103,10 @@ def _kernel_phases(trace_events: list[dict[str, Any]], device: Any, cats: tuple[
         if e.get("cat") not in cats or "ts" not in e or "dur" not in e or e.get("pid", 0) != device:
             continue
         start = float(e["ts"]) / 1e6
-        launch, thread = launched.get((e.get("args") or {}).get("correlation"), (None, None))
+        launch, thread, launch_end = launched.get((e.get("args") or {}).get("correlation"), (None, None, None))
         phase, window = within(launch, host) if launch is not None else within(start, annotated)
-        out.append(Kernel(start, start + float(e["dur"]) / 1e6, phase, e.get("name", ""), window, launch, thread))
+        out.append(Kernel(start, start + float(e["dur"]) / 1e6, phase, e.get("name", ""), window, launch, thread,
+                          launch_end))
     return sorted(out, key=lambda k: k.start), bool(host or annotated)
 
 
@@ -198,11 +201,12 @@ def device_timeline(trace_events: list[dict[str, Any]], *, steps: int, gap_s: fl
     launched the kernel ending each gap (the kernel the device waited for), and kernel time per category
     and per kernel. Everything per step, between the first and the last kernel of the profiled span.
 
-    Each idle gap between compute kernels also gets a cause. ``launched_late``: the host had not yet called
-    the launch of the kernel ending the gap, and ``launched_late_host_activity_s`` says what that host thread
-    ran meanwhile (the innermost op or runtime call; a phase name means Python between ops). ``queued``: the
-    kernel was launched in time but waited, on a dependency on another stream (an all-gather, a copy) or
-    the launch's own latency."""
+    Each idle gap between compute kernels also gets a cause (the idle time at the span's edges, outside
+    every gap, gets none). ``launched_late``: until the host's launch call for the kernel ending the gap
+    returned, and ``launched_late_host_activity_s`` says what that host thread ran meanwhile (the innermost op
+    or runtime call; a phase name means Python between ops). ``queued``: the rest, the kernel launched and
+    waiting: on another stream (an all-gather, a copy), a copy on its own stream, or the device's own launch
+    latency."""
     device = _device(trace_events)
     if device is None:
         return {}
@@ -219,7 +223,7 @@ def device_timeline(trace_events: list[dict[str, Any]], *, steps: int, gap_s: fl
     every = compute_u + comm_u
     span_s = max(e for _, e in every) - min(s for s, _ in every)
     busy, comm_s = _length(compute_u), _length(comm_u)
-    host = _innermost_segments(trace_events) if any(k.launched is not None for k in compute) else {}
+    host = _innermost_segments(trace_events) if any(k.launch_end is not None for k in compute) else {}
     # gaps between consecutive compute kernels (by start): the long ones named by the kernels around them,
     # every one counted for the phase that launched the kernel ending it, and split by cause
     gaps: dict[str, float] = {}
@@ -231,8 +235,8 @@ def device_timeline(trace_events: list[dict[str, Any]], *, steps: int, gap_s: fl
         if k.start > end:
             key = k.phase or "outside_phases"
             idle_by_phase[key] = idle_by_phase.get(key, 0.0) + (k.start - end)
-            if k.launched is not None:
-                late = min(max(k.launched - end, 0.0), k.start - end)
+            if k.launch_end is not None:
+                late = min(max(k.launch_end - end, 0.0), k.start - end)
                 causes = by_cause.setdefault(key, {"launched_late": 0.0, "queued": 0.0})
                 causes["launched_late"] += late
                 causes["queued"] += k.start - end - late
@@ -265,8 +269,10 @@ def device_timeline(trace_events: list[dict[str, Any]], *, steps: int, gap_s: fl
     if by_cause:
         out["compute_idle_s_by_cause"] = {phase: {c: v / steps for c, v in causes.items()}
                                           for phase, causes in sorted(by_cause.items())}
-        out["launched_late_host_activity_s"] = {name[:80]: v / steps for name, v in
-                                                sorted(activity.items(), key=lambda kv: -kv[1])[:12]}
+        short: dict[str, float] = {}
+        for name, v in activity.items():
+            short[name[:80]] = short.get(name[:80], 0.0) + v / steps
+        out["launched_late_host_activity_s"] = dict(sorted(short.items(), key=lambda kv: -kv[1])[:12])
     return out
 
 

@@ -6,8 +6,9 @@
 #         fixed-CASE-STAGE (every sample 1024 tokens, 576 of them image tokens)
 # ABLATE=lever,lever adds one accelbench run per lever without it (peer-/fixed- phases); NO_PEER=1 skips the
 # peer; STEPS (default 10); PROF_STEPS (prof- phases, default 5: steps 3-4 profiled, the later ones not);
-# PHASE_TIMEOUT and PATH_TIMEOUT (seconds per phase and per path); TAG names the outputs of a run that differs
-# by its environment (e.g. TAG=nccl8 NCCL_MAX_CTAS=8 ...), so that two suite runs in one call keep both.
+# PHASE_TIMEOUT and PATH_TIMEOUT (seconds per phase and per path); TAG names the outputs of prof-, peer- and
+# fixed- phases that differ by their environment (e.g. TAG=nccl8 NCCL_MAX_NCHANNELS=8 ...), so that two suite runs
+# in one call keep both.
 # PHASE@NAME (prof-, peer-, fixed- phases) merges benchmarks/gpu/ds/NAME.json over the DeepSpeed config of
 # every path in it (accelbench run --ds-config), e.g. prof-13b-finetune@zero3-prefetch.
 # Everything lands in $OUT (logs, result.json copies, the comparison JSON) as results.tgz; the prof- phases'
@@ -15,6 +16,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 bash benchmarks/gpu/setup_device.sh || exit 1
+rm -rf /tmp/slim  # slimmed traces of this run only (an earlier run in the call moved its own to $OUT)
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1
 export ACCELBENCH_CACHE=/tmp/abcache
 NPROC=$(nvidia-smi -L | wc -l)
@@ -46,7 +48,8 @@ for arg in "$@"; do
       nvidia-smi topo -m | tee "$OUT/topo.txt"
       NCCL_DEBUG=INFO timeout 120 python3 -m torch.distributed.run --nproc-per-node "$NPROC" benchmarks/gpu/nccl_bw.py \
         > "$OUT/nccl_bw.log" 2>&1
-      grep -E "via|Channel 00|^\{" "$OUT/nccl_bw.log" | sort -u | head -24
+      grep "^{" "$OUT/nccl_bw.log"
+      grep -o "NCCL INFO Channel .* via .*" "$OUT/nccl_bw.log" | sed 's/Channel [0-9/]* : //' | sort | uniq -c
       echo "with NCCL_PROTO=Simple:"  # NCCL's protocol choice against its bulk-transfer protocol
       NCCL_PROTO=Simple timeout 120 python3 -m torch.distributed.run --nproc-per-node "$NPROC" benchmarks/gpu/nccl_bw.py \
         2>&1 | grep "^{" | tee "$OUT/nccl_bw_simple.log" ;;
@@ -59,7 +62,8 @@ for arg in "$@"; do
         ${WITHOUT:+--without $WITHOUT} 2>&1 | grep -v "INFO\|Backend impl" | tail -8
       keep "/tmp/$label" "$label"; cp "/tmp/$label/$stage/profile/summary."* "$OUT/$label/" 2>/dev/null
       # the trace, cut to what the timeline analysis reads, comes back beside the archive (16 MiB a file)
-      mkdir -p /tmp/slim && python3 benchmarks/gpu/slim_trace.py "/tmp/$label/$stage/profile/trace.json.gz" \
+      trace=/tmp/$label/$stage/profile/trace.json.gz
+      [ -f "$trace" ] && mkdir -p /tmp/slim && python3 benchmarks/gpu/slim_trace.py "$trace" \
         "/tmp/slim/$label.trace.json.gz" && ls -la "/tmp/slim/$label.trace.json.gz"
       cat "$OUT/$label/summary.json" 2>/dev/null ;;
     peer-*|fixed-*)
@@ -90,4 +94,9 @@ if [ -f results.tgz ]; then
   done
 fi
 tar -czf /tmp/results.tgz --exclude='*.trace.json.gz' . && find . -mindepth 1 -maxdepth 1 ! -name '*.trace.json.gz' \
-  -exec rm -rf {} + && mv /tmp/results.tgz . && { mv /tmp/slim/*.trace.json.gz . 2>/dev/null; true; }
+  -exec rm -rf {} + && mv /tmp/results.tgz .
+for f in /tmp/slim/*.trace.json.gz; do  # an earlier run's trace of the same name stays, as earlier-NAME
+  [ -f "$f" ] || continue
+  [ -e "$(basename "$f")" ] && mv "$(basename "$f")" "earlier-$(basename "$f")"
+  mv "$f" .
+done

@@ -8,12 +8,15 @@ The **noise floor** is the largest per-step relative loss difference between two
 - accelbench against itself with a lever off that changes only rounding (``ROUNDING_ONLY``).
 
 With few runs, the check passes when no accelbench-vs-peer pair differs by more than the floor. That rule pits
-the most extreme pair of runs against each other, so it fails more often the more runs there are, even between two
-runs of one path split at random. With ``MIN_RUNS`` runs of each path or more, the check is therefore a
-**permutation test** of the two mean curves instead: the statistic is the largest, over the steps, of the gap
-between the paths' mean losses (less ``RESOLUTION``) over its standard error, and the test compares it with the
-same statistic for every other split of the runs into two groups of those sizes. It passes when the observed split
-is not among the most extreme ``ALPHA`` of them (p >= ALPHA). Exit 0: within; 1: outside; 2: no floor or no pair
+the most extreme pair of runs against each other, so it fails whenever the lowest and the highest curve belong to
+different paths: for runs of one process split at random, half the time or more (``--simulate``). With
+``MIN_RUNS`` runs of each path or more, the check is therefore a **permutation test** of the two mean curves
+instead: the statistic is the largest, over the steps, of the gap between the paths' mean losses (less
+``RESOLUTION``) over its standard error, and the test compares it with the same statistic for every other split of
+the runs into two groups of those sizes. It passes when the observed split is not among the most extreme ``ALPHA``
+of them (p >= ALPHA). Steps that every run of each path repeats exactly (the first steps, before nondeterministic
+reductions have changed anything) carry no spread to judge a gap by: they are left out of the statistic, and their
+largest gap, the two paths' kernels rounding differently, must stay within the largest-pair rule's floor. Exit 0: within; 1: outside; 2: no floor or no pair
 measured. Give it the JSON files of ``compare_peer.py --json`` from one or more calls of the same phase
 on the same machine kind, run by the same code (a run from before a change to the objective computes another
 function):
@@ -73,24 +76,37 @@ class MeanTest:
     step: int  # 1-based
     p: float  # share of the splits of the runs whose statistic is as large or larger
     runs: tuple[int, int]  # accelbench runs, peer runs
+    exact_steps: int  # steps that every run of each path repeats exactly: left out of the statistic
+    exact_gap: float  # the largest relative gap between the paths over those steps
 
     def __str__(self) -> str:
-        return (f"mean curves ({self.runs[0]} accelbench runs, {self.runs[1]} peer runs): largest gap "
+        text = (f"mean curves ({self.runs[0]} accelbench runs, {self.runs[1]} peer runs): largest gap "
                 f"{self.statistic:.2f} standard errors (step {self.step}), permutation p = {self.p:.3f}")
+        if self.exact_steps:
+            text += (f"; {self.exact_steps} step(s) repeat exactly within each path and are left out, "
+                     f"the paths differing there by up to {self.exact_gap:.2e} of the loss")
+        return text
 
 
-def _standardized_gap(a: Sequence[Sequence[float]], b: Sequence[Sequence[float]]) -> tuple[float, int]:
-    """Largest over the steps of |mean(a) - mean(b)|, less RESOLUTION of mean(b), over the standard error of the
-    difference (Welch's), and its 1-based step. A gap with no spread at all to measure it by is infinite."""
-    best, where = 0.0, 1
-    for step, (xs, ys) in enumerate(zip(zip(*a), zip(*b)), start=1):
-        gap = abs(statistics.fmean(xs) - statistics.fmean(ys)) - RESOLUTION * abs(statistics.fmean(ys))
+def _repeats_exactly(values: Sequence[float]) -> bool:
+    return max(values) == min(values)
+
+
+def _standardized_gap(a: Sequence[Sequence[float]], b: Sequence[Sequence[float]],
+                      steps: Sequence[int]) -> tuple[float, int]:
+    """Largest over ``steps`` (0-based) of |mean(a) - mean(b)|, less RESOLUTION of the mean over all runs (the same
+    for every split, so the statistic is symmetric in a and b), over the standard error of the difference
+    (Welch's), and its 1-based step."""
+    best, where = 0.0, (steps[0] + 1 if steps else 1)
+    for step in steps:
+        xs, ys = [c[step] for c in a], [c[step] for c in b]
+        gap = abs(statistics.fmean(xs) - statistics.fmean(ys)) - RESOLUTION * abs(statistics.fmean(xs + ys))
         if gap <= 0:
             continue
         se = math.sqrt(statistics.variance(xs) / len(xs) + statistics.variance(ys) / len(ys))
         value = gap / se if se > 0 else math.inf
         if value > best:
-            best, where = value, step
+            best, where = value, step + 1
     return best, where
 
 
@@ -100,21 +116,25 @@ def mean_test(accelbench: Sequence[Curve], peer: Sequence[Curve]) -> MeanTest | 
         return None
     pooled = [c.losses for c in (*accelbench, *peer)]
     n = len(accelbench)
-    observed, step = _standardized_gap(pooled[:n], pooled[n:])
+    exact = [s for s in range(len(pooled[0])) if _repeats_exactly([c[s] for c in pooled[:n]])
+             and _repeats_exactly([c[s] for c in pooled[n:]])]
+    exact_gap = max((abs(pooled[0][s] - pooled[n][s]) / max(abs(pooled[n][s]), 1e-12) for s in exact), default=0.0)
+    steps = [s for s in range(len(pooled[0])) if s not in set(exact)]
+    observed, step = _standardized_gap(pooled[:n], pooled[n:], steps)
     every = math.comb(len(pooled), n)
     if every <= EXACT_SPLITS:
         splits: Iterable[tuple[int, ...]] = itertools.combinations(range(len(pooled)), n)
-    else:
+    else:  # the observed split, then a seeded sample (with replacement: the usual Monte Carlo p)
         rng = random.Random(0)
         splits = [(*range(n),)] + [tuple(rng.sample(range(len(pooled)), n)) for _ in range(EXACT_SPLITS - 1)]
     hits = total = 0
     for chosen in splits:
         picked = set(chosen)
         value, _ = _standardized_gap([pooled[i] for i in chosen],
-                                     [pooled[i] for i in range(len(pooled)) if i not in picked])
+                                     [pooled[i] for i in range(len(pooled)) if i not in picked], steps)
         hits += value >= observed
         total += 1
-    return MeanTest(observed, step, hits / total, (n, len(peer)))
+    return MeanTest(observed, step, hits / total, (n, len(peer)), len(exact), exact_gap)
 
 
 @dataclass(frozen=True)
@@ -135,8 +155,9 @@ class Verdict:
     def within(self) -> bool | None:
         """The permutation test where there are runs enough, else the largest-pair rule; None when either side
         was not measured."""
-        if self.means is not None:
-            return self.means.p >= ALPHA
+        if self.means is not None:  # the exactly repeated steps' gap is held to the largest-pair rule's floor
+            floor = self.largest_floor.value if self.largest_floor else 0.0
+            return self.means.p >= ALPHA and self.means.exact_gap <= max(floor, RESOLUTION)
         if self.largest_floor is None or self.largest_cross is None:
             return None
         return self.largest_cross.value <= max(self.largest_floor.value, RESOLUTION)
@@ -257,6 +278,8 @@ def report(verdict: Verdict) -> str:
 def simulate(runs: int, trials: int, seed: int = 0, steps: int = 20, drift: float = 0.01) -> dict[str, float]:
     """How often each rule says *outside* for two groups of ``runs`` curves of one process: losses that wander at
     random (``drift`` relative per step) from one start, as runs of one function do once rounding has split them."""
+    if runs < 2 or trials < 1:
+        raise ValueError(f"simulate needs 2 or more runs a path and 1 or more trials, got {runs} and {trials}")
     rng = random.Random(seed)
     outside = {"largest pair": 0, "permutation test": 0}
     for _ in range(trials):
@@ -281,7 +304,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="instead: how often each rule says outside for RUNS runs a path of one process")
     p.add_argument("--trials", type=int, default=300)
     a = p.parse_args(argv)
-    if a.simulate:
+    if a.simulate is not None:
+        if a.simulate < 2 or a.trials < 1:
+            p.error("--simulate needs RUNS >= 2 (a same-path pair) and --trials >= 1")
         for rule, share in simulate(a.simulate, a.trials).items():
             print(f"{a.simulate} runs a path of one process, {a.trials} trials: {rule} says outside in {share:.1%}")
         return 0

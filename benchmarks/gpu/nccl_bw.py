@@ -34,7 +34,7 @@ def main() -> None:
     torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group("nccl")
     for mib in a.mib:
-        full = torch.empty(mib * 2**20 // 2, dtype=torch.bfloat16, device="cuda")
+        full = torch.empty(mib * 2**20 // 2 // world * world, dtype=torch.bfloat16, device="cuda")
         shard = torch.ones(full.numel() // world, dtype=torch.bfloat16, device="cuda")
         for name, fn in (("all_gather", lambda: dist.all_gather_into_tensor(full, shard)),
                          ("reduce_scatter", lambda: dist.reduce_scatter_tensor(shard, full))):

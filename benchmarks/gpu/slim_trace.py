@@ -17,7 +17,7 @@ def slim(events: list[dict]) -> list[dict]:
         if e.get("cat") in KEEP and "ts" in e and "dur" in e:
             corr = (e.get("args") or {}).get("correlation")
             out.append({"cat": e["cat"], "name": e.get("name", ""), "ts": e["ts"], "dur": e["dur"],
-                        "pid": e.get("pid"), "tid": e.get("tid"), **({"args": {"correlation": corr}} if corr else {})})
+                        "pid": e.get("pid"), "tid": e.get("tid"), **({"args": {"correlation": corr}} if corr is not None else {})})
     return out
 
 

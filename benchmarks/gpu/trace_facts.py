@@ -1,0 +1,90 @@
+"""Figures from a (slimmed) profile trace that the run's summary.json does not hold, for docs/performance.md:
+    python benchmarks/gpu/trace_facts.py LABEL.trace.json.gz [--steps 2] > facts.json
+- per trainer phase, on the host thread that runs it: the innermost host activity (an op, a runtime call, or the
+  phase name itself for Python between ops) and the number of top-level ops;
+- per collective kernel kind on the traced device: count, total and median duration;
+- the compute side's idle time by phase and cause, as accelbench.train.profiling.device_timeline computes it now
+  (a summary.json written by an older version may split it a little differently);
+- the queued part of it by the communication kernel that ended within 50 µs before the compute kernel that ended
+  the gap (what the device waited for)."""
+from __future__ import annotations
+
+import argparse
+import bisect
+import gzip
+import json
+import statistics
+from typing import Any
+
+from accelbench.train import profiling as P
+
+
+def phase_host(events: list[dict[str, Any]], steps: int) -> dict[str, Any]:
+    segments = P._innermost_segments(events)
+    out: dict[str, Any] = {}
+    for phase in ("forward", "backward", "optimizer_step"):
+        spans = [e for e in events if e.get("cat") == "user_annotation" and e.get("name") == P.PHASE_PREFIX + phase]
+        if not spans:
+            continue
+        tid = spans[0].get("tid")
+        activity: dict[str, float] = {}
+        top_level = 0
+        host = sorted((e for e in events if e.get("tid") == tid and e.get("cat") in P.HOST_CATS and "dur" in e),
+                      key=lambda e: (e["ts"], -e["dur"]))
+        for span in spans:
+            a, b = span["ts"], span["ts"] + span["dur"]
+            P._host_activity(segments[tid], a / 1e6, b / 1e6, activity)
+            end = a
+            for e in host:
+                if e is not span and a <= e["ts"] < b and e["ts"] >= end:
+                    top_level, end = top_level + 1, e["ts"] + e["dur"]
+        out[phase] = {"host_s_per_step": sum(activity.values()) / steps, "top_level_ops_per_step": top_level / steps,
+                      "innermost_s_per_step": {k[:80]: round(v / steps, 4) for k, v in
+                                               sorted(activity.items(), key=lambda kv: -kv[1])[:10]}}
+    return out
+
+
+def collectives(kernels: list[P.Kernel], steps: int) -> dict[str, Any]:
+    kinds: dict[str, list[float]] = {}
+    for k in kernels:
+        if P.category(k.name) == "communication":
+            kinds.setdefault(k.name.split("(")[0], []).append(k.end - k.start)
+    return {name: {"per_step": len(d) / steps, "s_per_step": sum(d) / steps, "median_ms": statistics.median(d) * 1e3}
+            for name, d in sorted(kinds.items())}
+
+
+def queued_by_wait(kernels: list[P.Kernel], steps: int) -> dict[str, float]:
+    comm = sorted((k for k in kernels if P.category(k.name) == "communication"), key=lambda k: k.end)
+    ends = [k.end for k in comm]
+    compute = [k for k in kernels if P.category(k.name) != "communication"]
+    out: dict[str, float] = {}
+    end = compute[0].end if compute else 0.0
+    for k in compute[1:]:
+        if k.start > end and k.launch_end is not None:
+            queued = k.start - end - min(max(k.launch_end - end, 0.0), k.start - end)
+            if queued > 0:
+                i = bisect.bisect_right(ends, k.start) - 1
+                key = comm[i].name.split("(")[0] if i >= 0 and k.start - ends[i] < 50e-6 else "no collective just before"
+                out[key] = out.get(key, 0.0) + queued / steps
+        end = max(end, k.end)
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("trace")
+    p.add_argument("--steps", type=int, default=2, help="profiled steps in the trace")
+    a = p.parse_args()
+    with gzip.open(a.trace, "rt") as fh:
+        events = json.load(fh)["traceEvents"]
+    kernels, _ = P._kernel_phases(events, P._device(events))
+    timeline = P.device_timeline(events, steps=a.steps)
+    print(json.dumps({"trace": a.trace.split("/")[-1], "phase_host": phase_host(events, a.steps),
+                      "idle_s_by_cause": timeline.get("compute_idle_s_by_cause", {}),
+                      "launched_late_host_activity_s": timeline.get("launched_late_host_activity_s", {}),
+                      "collectives": collectives(kernels, a.steps),
+                      "queued_s_by_what_ended_just_before": queued_by_wait(kernels, a.steps)}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
