@@ -172,7 +172,8 @@ def test_loss_check_with_four_runs_a_path_tests_the_mean_curves_by_permutation()
     assert math.isclose(mirrored.means.p, 2 / 70)
     # steps every run of a path repeats exactly have no spread to judge a gap by: left out of the test, their gap
     # held to the largest-pair floor. A 1.5e-4 offset there (kernels rounding differently) with noise later: within
-    offset = [loss_check.Curve(c.label, c.path, (4.0006,) + c.losses[1:]) for c in runs("accelbench", [2.3, 2.4, 2.6, 2.8])]
+    offset = [loss_check.Curve(c.label, c.path, (4.0006,) + c.losses[1:])
+              for c in runs("accelbench", [2.3, 2.4, 2.6, 2.8])]
     rounded = loss_check.check(offset + runs("hf-trainer", [2.2, 2.5, 2.6, 2.6]))
     assert rounded.means.exact_steps == 2 and math.isclose(rounded.means.exact_gap, 1.5e-4) and rounded.within
     # every step repeats exactly and the paths differ by 5 %: no floor at all, so outside

@@ -87,7 +87,8 @@ def _kernel_phases(trace_events: list[dict[str, Any]], device: Any, cats: tuple[
                   for start, end in spans)
     annotated = sorted((start, end, phase) for phase, spans
                        in _phase_spans(trace_events, "gpu_user_annotation", pid=device).items() for start, end in spans)
-    launched = {e["args"]["correlation"]: (float(e["ts"]) / 1e6, e.get("tid"), (float(e["ts"]) + float(e.get("dur", 0))) / 1e6)
+    # correlation id -> (launch call's start, its thread, its end)
+    launched = {e["args"]["correlation"]: (float(e["ts"]) / 1e6, e.get("tid"), (e["ts"] + e.get("dur", 0)) / 1e6)
                 for e in trace_events
                 if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in (e.get("args") or {})}
 

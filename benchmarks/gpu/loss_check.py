@@ -16,10 +16,11 @@ instead: the statistic is the largest, over the steps, of the gap between the pa
 the runs into two groups of those sizes. It passes when the observed split is not among the most extreme ``ALPHA``
 of them (p >= ALPHA). Steps that every run of each path repeats exactly (the first steps, before nondeterministic
 reductions have changed anything) carry no spread to judge a gap by: they are left out of the statistic, and their
-largest gap, the two paths' kernels rounding differently, must stay within the largest-pair rule's floor. Exit 0: within; 1: outside; 2: no floor or no pair
-measured. Give it the JSON files of ``compare_peer.py --json`` from one or more calls of the same phase
-on the same machine kind, run by the same code (a run from before a change to the objective computes another
-function):
+largest gap, the two paths' kernels rounding differently, must stay within the largest-pair rule's floor.
+
+Exit 0: within; 1: outside; 2: no floor or no pair measured. Give it the JSON files of ``compare_peer.py --json``
+from one or more calls of the same phase on the same machine kind, run by the same code (a run from before a change
+to the objective computes another function):
 
     python benchmarks/gpu/loss_check.py docs/measurements/h200-x2-2026-11-28-e/peer-7b-finetune-*.json
 """
@@ -197,7 +198,8 @@ def check(curves: Iterable[Curve]) -> Verdict:
         gap = largest_gap(a, b)
         if gap:
             target.append(gap)
-    return Verdict(floor, cross, mean_test([c for c in runs if c.path == ACCELBENCH], [c for c in runs if c.path == PEER]))
+    means = mean_test([c for c in runs if c.path == ACCELBENCH], [c for c in runs if c.path == PEER])
+    return Verdict(floor, cross, means)
 
 
 # what makes two compare_peer.py files the same phase: the peer's summary of each file

@@ -16,8 +16,11 @@ def slim(events: list[dict]) -> list[dict]:
     for e in events:
         if e.get("cat") in KEEP and "ts" in e and "dur" in e:
             corr = (e.get("args") or {}).get("correlation")
-            out.append({"cat": e["cat"], "name": e.get("name", ""), "ts": e["ts"], "dur": e["dur"],
-                        "pid": e.get("pid"), "tid": e.get("tid"), **({"args": {"correlation": corr}} if corr is not None else {})})
+            kept = {"cat": e["cat"], "name": e.get("name", ""), "ts": e["ts"], "dur": e["dur"], "pid": e.get("pid"),
+                    "tid": e.get("tid")}
+            if corr is not None:
+                kept["args"] = {"correlation": corr}
+            out.append(kept)
     return out
 
 

@@ -64,7 +64,8 @@ def queued_by_wait(kernels: list[P.Kernel], steps: int) -> dict[str, float]:
             queued = k.start - end - min(max(k.launch_end - end, 0.0), k.start - end)
             if queued > 0:
                 i = bisect.bisect_right(ends, k.start) - 1
-                key = comm[i].name.split("(")[0] if i >= 0 and k.start - ends[i] < 50e-6 else "no collective just before"
+                just_before = i >= 0 and k.start - ends[i] < 50e-6
+                key = comm[i].name.split("(")[0] if just_before else "no collective just before"
                 out[key] = out.get(key, 0.0) + queued / steps
         end = max(end, k.end)
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))
