@@ -12,7 +12,7 @@ import gzip
 import json
 import time
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Iterator, NamedTuple
 
 # Kernel-name fragments per category, checked in order (names differ by vendor and library version).
 CATEGORIES = (
@@ -194,6 +194,25 @@ def _host_activity(segments: tuple[list[float], list[tuple[float, str]]], a: flo
         into["idle or untraced"] = into.get("idle or untraced", 0.0) + (b - a - covered)
 
 
+def idle_gaps(compute: list[Kernel]) -> Iterator[tuple[Kernel, float, str]]:
+    """Each compute kernel (by start) that the device idled before: (the kernel, when the idle gap began, the
+    name of the kernel whose end began it)."""
+    end, before = (compute[0].end, compute[0].name) if compute else (0.0, "")
+    for k in compute[1:]:
+        if k.start > end:
+            yield k, end, before
+        if k.end > end:
+            end, before = k.end, k.name
+
+
+def launched_late(k: Kernel, idle_from: float) -> float | None:
+    """How much of the idle gap before ``k`` passed before the host's launch call for it returned (None without
+    launch records); the rest of the gap the kernel was launched and waiting (queued)."""
+    if k.launch_end is None:
+        return None
+    return min(max(k.launch_end - idle_from, 0.0), k.start - idle_from)
+
+
 def device_timeline(trace_events: list[dict[str, Any]], *, steps: int, gap_s: float = 1e-3) -> dict[str, Any]:
     """Is the device starved? From a chrome trace's kernel events (``cat == "kernel"``, ``ts``/``dur`` in
     µs) of one device: the time any compute kernel runs, communication not hidden under compute, idle
@@ -231,23 +250,19 @@ def device_timeline(trace_events: list[dict[str, Any]], *, steps: int, gap_s: fl
     idle_by_phase: dict[str, float] = {}
     by_cause: dict[str, dict[str, float]] = {}
     activity: dict[str, float] = {}
-    end, before = (compute[0].end, compute[0].name) if compute else (0.0, "")
-    for k in compute[1:]:
-        if k.start > end:
-            key = k.phase or "outside_phases"
-            idle_by_phase[key] = idle_by_phase.get(key, 0.0) + (k.start - end)
-            if k.launch_end is not None:
-                late = min(max(k.launch_end - end, 0.0), k.start - end)
-                causes = by_cause.setdefault(key, {"launched_late": 0.0, "queued": 0.0})
-                causes["launched_late"] += late
-                causes["queued"] += k.start - end - late
-                if late > 0 and k.thread in host:
-                    _host_activity(host[k.thread], end, end + late, activity)
+    for k, end, before in idle_gaps(compute):
+        key = k.phase or "outside_phases"
+        idle_by_phase[key] = idle_by_phase.get(key, 0.0) + (k.start - end)
+        late = launched_late(k, end)
+        if late is not None:
+            causes = by_cause.setdefault(key, {"launched_late": 0.0, "queued": 0.0})
+            causes["launched_late"] += late
+            causes["queued"] += k.start - end - late
+            if late > 0 and k.thread in host:
+                _host_activity(host[k.thread], end, end + late, activity)
         if k.start - end > gap_s:
             key = f"{before[:50]} -> {k.name[:50]}"
             gaps[key] = gaps.get(key, 0.0) + (k.start - end) / steps
-        if k.end > end:
-            end, before = k.end, k.name
     # idle time before the first compute kernel or after the last, while communication ran, waited for no
     # phase's kernel
     edges = span_s - busy - sum(idle_by_phase.values())

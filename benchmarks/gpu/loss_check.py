@@ -117,10 +117,10 @@ def mean_test(accelbench: Sequence[Curve], peer: Sequence[Curve]) -> MeanTest | 
         return None
     pooled = [c.losses for c in (*accelbench, *peer)]
     n = len(accelbench)
-    exact = [s for s in range(len(pooled[0])) if _repeats_exactly([c[s] for c in pooled[:n]])
-             and _repeats_exactly([c[s] for c in pooled[n:]])]
+    exact = {s for s in range(len(pooled[0])) if _repeats_exactly([c[s] for c in pooled[:n]])
+             and _repeats_exactly([c[s] for c in pooled[n:]])}
     exact_gap = max((abs(pooled[0][s] - pooled[n][s]) / max(abs(pooled[n][s]), 1e-12) for s in exact), default=0.0)
-    steps = [s for s in range(len(pooled[0])) if s not in set(exact)]
+    steps = [s for s in range(len(pooled[0])) if s not in exact]
     observed, step = _standardized_gap(pooled[:n], pooled[n:], steps)
     every = math.comb(len(pooled), n)
     if every <= EXACT_SPLITS:
@@ -153,15 +153,25 @@ class Verdict:
         return max(self.cross, key=lambda g: g.value, default=None)
 
     @property
-    def within(self) -> bool | None:
-        """The permutation test where there are runs enough, else the largest-pair rule; None when either side
-        was not measured."""
-        if self.means is not None:  # the exactly repeated steps' gap is held to the largest-pair rule's floor
-            floor = self.largest_floor.value if self.largest_floor else 0.0
-            return self.means.p >= ALPHA and self.means.exact_gap <= max(floor, RESOLUTION)
+    def tolerance(self) -> float:
+        """The largest-pair rule's floor: the largest same-function gap, at least RESOLUTION."""
+        return max(self.largest_floor.value if self.largest_floor else 0.0, RESOLUTION)
+
+    @property
+    def pairs_within(self) -> bool | None:
+        """The largest-pair rule: no accelbench-vs-peer pair beyond the floor; None when either side was not
+        measured."""
         if self.largest_floor is None or self.largest_cross is None:
             return None
-        return self.largest_cross.value <= max(self.largest_floor.value, RESOLUTION)
+        return self.largest_cross.value <= self.tolerance
+
+    @property
+    def within(self) -> bool | None:
+        """The permutation test where there are runs enough (the exactly repeated steps' gap held to the
+        floor), else the largest-pair rule."""
+        if self.means is not None:
+            return self.means.p >= ALPHA and self.means.exact_gap <= self.tolerance
+        return self.pairs_within
 
 
 def family(path: str) -> str | None:
@@ -293,7 +303,7 @@ def simulate(runs: int, trials: int, seed: int = 0, steps: int = 20, drift: floa
                 curve.append(loss)
             group.append(Curve(str(i), ACCELBENCH if i < runs else PEER, tuple(curve)))
         verdict = check(group)
-        outside["largest pair"] += verdict.largest_cross.value > max(verdict.largest_floor.value, RESOLUTION)
+        outside["largest pair"] += not verdict.pairs_within
         if verdict.means is not None:
             outside["permutation test"] += verdict.means.p < ALPHA
     return {rule: n / trials for rule, n in outside.items() if rule == "largest pair" or runs >= MIN_RUNS}

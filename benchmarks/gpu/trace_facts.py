@@ -56,18 +56,15 @@ def collectives(kernels: list[P.Kernel], steps: int) -> dict[str, Any]:
 def queued_by_wait(kernels: list[P.Kernel], steps: int) -> dict[str, float]:
     comm = sorted((k for k in kernels if P.category(k.name) == "communication"), key=lambda k: k.end)
     ends = [k.end for k in comm]
-    compute = [k for k in kernels if P.category(k.name) != "communication"]
     out: dict[str, float] = {}
-    end = compute[0].end if compute else 0.0
-    for k in compute[1:]:
-        if k.start > end and k.launch_end is not None:
-            queued = k.start - end - min(max(k.launch_end - end, 0.0), k.start - end)
-            if queued > 0:
-                i = bisect.bisect_right(ends, k.start) - 1
-                just_before = i >= 0 and k.start - ends[i] < 50e-6
-                key = comm[i].name.split("(")[0] if just_before else "no collective just before"
-                out[key] = out.get(key, 0.0) + queued / steps
-        end = max(end, k.end)
+    for k, idle_from, _ in P.idle_gaps([k for k in kernels if P.category(k.name) != "communication"]):
+        late = P.launched_late(k, idle_from)
+        queued = k.start - idle_from - late if late is not None else 0.0
+        if queued > 0:
+            i = bisect.bisect_right(ends, k.start) - 1
+            just_before = i >= 0 and k.start - ends[i] < 50e-6
+            key = comm[i].name.split("(")[0] if just_before else "no collective just before"
+            out[key] = out.get(key, 0.0) + queued / steps
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
