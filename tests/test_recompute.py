@@ -704,6 +704,24 @@ def test_host_activity_names_the_innermost_event_at_every_moment():
     assert part == {"B": pytest.approx(10e-6), "A": pytest.approx(20e-6), "D": pytest.approx(10e-6)}
 
 
+def test_read_trace_names_a_file_that_is_no_trace(tmp_path):
+    import gzip
+    import json
+
+    from accelbench.errors import ConfigError
+    from accelbench.train.profiling import read_trace
+
+    good = tmp_path / "trace.json.gz"
+    with gzip.open(good, "wt") as fh:
+        json.dump({"traceEvents": [{"cat": "kernel", "name": "k", "ts": 0, "dur": 1}]}, fh)
+    assert read_trace(good) == [{"cat": "kernel", "name": "k", "ts": 0, "dur": 1}]
+    plain = tmp_path / "plain.json"
+    plain.write_text("{}")
+    for bad in (plain, tmp_path / "missing.json.gz"):
+        with pytest.raises(ConfigError, match=f"{bad.name}: not a readable gzipped chrome trace"):
+            read_trace(bad)
+
+
 def test_phase_times_host_and_device():
     from accelbench.train.profiling import phase_times
 

@@ -44,6 +44,18 @@ def parse_profile_steps(text: str | None, steps: int | None = None) -> tuple[int
     return span
 
 
+def read_trace(path: str | Path) -> list[dict[str, Any]]:
+    """The events of a gzipped chrome trace that torch.profiler exported (``trace.json.gz``)."""
+    from ..errors import ConfigError
+
+    try:
+        with gzip.open(path, "rt") as fh:
+            return json.load(fh).get("traceEvents", [])
+    except (OSError, EOFError, ValueError, AttributeError) as exc:  # missing, not gzip, not JSON, not an object
+        raise ConfigError(f"{path}: not a readable gzipped chrome trace ({exc}); give a profile's trace.json.gz") \
+            from None
+
+
 def _phase_spans(trace_events: list[dict[str, Any]], cat: str,
                  pid: Any = None) -> dict[str, list[tuple[float, float]]]:
     """The trainer's record_function phases as merged (start, end) seconds, per phase: ``cat``
@@ -362,8 +374,7 @@ class StepProfiler:
         steps = self.last - self.first + 1
         trace = self.out_dir / "trace.json.gz"
         self.prof.export_chrome_trace(str(trace))
-        with gzip.open(trace, "rt") as fh:
-            events = json.load(fh).get("traceEvents", [])
+        events = read_trace(trace)
         timeline = device_timeline(events, steps=steps) if device else {}
         if device:  # kernels only: operator rows would count each kernel twice
             per_step = timeline.pop("kernel_s_by_category", {})

@@ -3,9 +3,12 @@ host's ops, runtime calls and phase spans, with their correlation ids), so that 
 comes back from the device machine: python benchmarks/gpu/slim_trace.py trace.json.gz slim.json.gz"""
 from __future__ import annotations
 
+import argparse
 import gzip
 import json
-import sys
+
+from accelbench.errors import ConfigError
+from accelbench.train.profiling import read_trace
 
 KEEP = ("kernel", "gpu_memcpy", "gpu_memset", "cuda_runtime", "cuda_driver", "user_annotation",
         "gpu_user_annotation", "cpu_op")
@@ -24,9 +27,18 @@ def slim(events: list[dict]) -> list[dict]:
     return out
 
 
-if __name__ == "__main__":
-    src, dst = sys.argv[1:3]
-    with gzip.open(src, "rt") as fh:
-        events = json.load(fh).get("traceEvents", [])
-    with gzip.open(dst, "wt") as fh:
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split(":")[0])
+    p.add_argument("src", help="a profile's trace.json.gz")
+    p.add_argument("dst", help="where the slimmed trace goes (gzipped JSON)")
+    a = p.parse_args()
+    try:
+        events = read_trace(a.src)
+    except ConfigError as exc:
+        p.error(str(exc))
+    with gzip.open(a.dst, "wt") as fh:
         json.dump({"traceEvents": slim(events)}, fh, separators=(",", ":"))
+
+
+if __name__ == "__main__":
+    main()

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import argparse
 import bisect
-import gzip
 import json
 import statistics
 from typing import Any
 
+from accelbench.errors import ConfigError
 from accelbench.train import profiling as P
 
 
@@ -73,8 +73,10 @@ def main() -> None:
     p.add_argument("trace")
     p.add_argument("--steps", type=int, default=2, help="profiled steps in the trace")
     a = p.parse_args()
-    with gzip.open(a.trace, "rt") as fh:
-        events = json.load(fh)["traceEvents"]
+    try:
+        events = P.read_trace(a.trace)
+    except ConfigError as exc:
+        p.error(str(exc))
     kernels, _ = P._kernel_phases(events, P._device(events))
     timeline = P.device_timeline(events, steps=a.steps)
     print(json.dumps({"trace": a.trace.split("/")[-1], "phase_host": phase_host(events, a.steps),
