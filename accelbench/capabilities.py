@@ -89,12 +89,14 @@ class AttentionCapability(_ToDict):
 
 @dataclass(frozen=True)
 class KernelSet(_ToDict):
-    """A set of fused training kernels the trainer knows by name (``"liger"``: Liger's Triton
-    RMSNorm, SwiGLU and rotary kernels), with the import names it needs."""
+    """A set of fused training kernels the trainer knows by name, with the import names it needs:
+    ``"liger"`` (Liger's Triton RMSNorm, SwiGLU and rotary kernels) or ``"inductor"`` (each decoder layer
+    compiled by ``torch.compile``, whose Inductor backend generates the fused kernels)."""
 
     name: str
     packages: tuple[str, ...] = ()
     description: str = ""
+    compiled: bool = False  # made by torch.compile at run time (lever "compiled-layers" turns such sets off)
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,8 @@ GiB = 1024**3
 _UNITS = {"B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": GiB}
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 ATTN_IMPLS = ("flash_attention_2", "sdpa", "eager")
-KERNELS = ("hf", "liger")  # transformers' own modules, or Liger's fused RMSNorm/SwiGLU/RoPE
+# transformers' own modules, Liger's fused RMSNorm/SwiGLU/RoPE, or Inductor's (torch.compile'd decoder layers)
+KERNELS = ("hf", "liger", "inductor")
 STAGES = ("pretrain", "finetune")
 FP32 = 4
 
@@ -214,12 +215,15 @@ def layer_saved_bytes_per_token(inp: MemoryPlanInput) -> int:
     Liger's fused kernels: each RMSNorm keeps its bf16 input and an fp32 rstd per token (finetune
     also the normed output, for the projections' weight gradients); SwiGLU keeps gate and up and
     recomputes the activation (finetune also down_proj's input, act·up).
+    Inductor (compiled decoder layers) is counted as Liger: its partitioner saves the same matmul inputs and
+    recomputes element-wise results where that is cheaper; the measured peak on H200 checks it
+    (docs/performance.md).
     """
     t, b = inp.preset.llm, DTYPE_BYTES[inp.dtype]
     h, i, kv = t.hidden, t.intermediate, t.kv_heads * t.head_dim
     attn = (h + kv + kv + h) * b  # q, k, v (post-rotary) and the attention output
     finetune = inp.stage == "finetune"
-    if inp.kernels == "liger":
+    if inp.kernels in ("liger", "inductor"):
         norms = 2 * (b * h + FP32 + (b * h if finetune else 0))
         mlp = (3 if finetune else 2) * i * b
     elif finetune:

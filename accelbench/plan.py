@@ -21,6 +21,7 @@ LEVERS = {
     "selective-recompute": "replay every decoder layer instead of only as many as memory needs",
     "target-loss": "transformers' loss (fp32 logits at every position) instead of the target-only chunked loss",
     "fused-kernels": "transformers' own norm/MLP/rotary modules instead of the backend's fused kernels",
+    "compiled-layers": "eager decoder layers (the backend's next kernel set) instead of torch.compile'd ones",
     "loader-workers": "load and collate batches in the training process",
     "zero3-buckets": "LLaVA's ZeRO-3 bucket sizes (hidden², HF's auto) instead of 5e8-element prefetch and reduce buckets",
 }
@@ -40,6 +41,7 @@ STAGE_DEFAULTS = {
     "pretrain": StageDefaults(2, 32, 1e-3, "projector", "plain"),
     "finetune": StageDefaults(3, 16, 2e-5, "llm+projector", "vicuna_v1"),
 }
+COMPILED_KERNELS = "inductor"  # the kernel set the trainer makes with torch.compile (train/kernels.py)
 CASE_DTYPE, CASE_ATTENTION, CASE_TF32, CASE_SEQ = "bf16", "flash_attention_2", True, 2048
 
 
@@ -84,7 +86,8 @@ class RunPlan:
     def deepspeed_overrides(self) -> dict[str, Any]:
         from .train.ds_config import tuned_overrides
 
-        return tuned_overrides(self.zero3_buckets, self.ds_overrides)
+        return tuned_overrides(self.zero3_buckets, self.ds_overrides,
+                               compiled_layers=self.zero_stage == 3 and self.kernels == COMPILED_KERNELS)
 
     @property
     def global_batch(self) -> int:
@@ -320,6 +323,10 @@ def _choose_zero3_buckets(plan: RunPlan, calibration: float) -> None:
 
 def _resolve_kernels(plan: RunPlan, backend: Any) -> None:
     offered = [k for k in backend.kernels().sets if all(p in backend.machine.packages for p in k.packages)]
+    if "compiled-layers" in plan.without and any(k.compiled for k in offered):
+        plan.notes.append(f"compiled decoder layers ({', '.join(k.name for k in offered if k.compiled)}) available "
+                          f"but off (--without compiled-layers)")
+        offered = [k for k in offered if not k.compiled]
     if not offered:
         return
     if "fused-kernels" in plan.without:

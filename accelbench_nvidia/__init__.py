@@ -132,11 +132,16 @@ def accelbench_setup_env(backend: str, env: dict[str, str]) -> list[Adjustment] 
 def accelbench_kernels(backend: str, machine: MachineFacts) -> KernelCapability | None:
     if backend != NAME:
         return None
-    if _min_capability(machine) < (8, 0):  # Liger's Triton kernels are tested on Ampere and newer
+    if _min_capability(machine) < (8, 0):  # Liger's and Inductor's Triton kernels are tested on Ampere and newer
         return KernelCapability()
-    return KernelCapability((KernelSet("liger", packages=("liger_kernel", "triton"),
-                                       description="Liger's fused Triton RMSNorm, SwiGLU and rotary kernels: "
-                                                   "fewer kernel launches and smaller saved activations"),))
+    return KernelCapability((
+        KernelSet("inductor", packages=("triton",), compiled=True,
+                  description="each decoder layer compiled by torch.compile (Inductor's fused Triton kernels), "
+                              "run as one ZeRO-3 fetch unit: fewer kernel launches and host calls per layer"),
+        KernelSet("liger", packages=("liger_kernel", "triton"),
+                  description="Liger's fused Triton RMSNorm, SwiGLU and rotary kernels: "
+                              "fewer kernel launches and smaller saved activations"),
+    ))
 
 
 @hookimpl

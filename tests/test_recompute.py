@@ -215,7 +215,7 @@ def _recompute_adjustments(plan):
 
 def test_h200_pretrain_plan_uses_every_lever(h200):
     plan = _pretrain13(h200)
-    assert plan.kernels == "liger" and plan.packed and plan.attn_implementation == "sdpa"
+    assert plan.kernels == "inductor" and plan.packed and plan.attn_implementation == "sdpa"
     assert plan.loss == "objective" and plan.recompute == "auto" and plan.without == ()
     assert plan.micro_batch == 32 and plan.micro_batch_tokens is None
     k = plan.recompute_layers
@@ -223,22 +223,22 @@ def test_h200_pretrain_plan_uses_every_lever(h200):
     (adj,) = _recompute_adjustments(plan)
     assert (adj.from_, adj.to, adj.by) == (40, k, "planner") and "LBS x MPE" in adj.why
     kern = [a for a in plan.adjustments if a.what == "kernels"]
-    assert len(kern) == 1 and (kern[0].from_, kern[0].to, kern[0].by) == ("hf", "liger", "nvidia")
+    assert len(kern) == 1 and (kern[0].from_, kern[0].to, kern[0].by) == ("hf", "inductor", "nvidia")
     # the chosen k fits the usable memory and k - 1 does not
     usable = int(140 * GiB * 0.92)
     assert plan.usable_memory == usable
     inp = memory_input(plan)
-    assert inp.kernels == "liger" and inp.packed and inp.recompute_layers == k and inp.loss_impl == "objective"
+    assert inp.kernels == "inductor" and inp.packed and inp.recompute_layers == k and inp.loss_impl == "objective"
     assert estimate_memory(inp).total <= usable < estimate_memory(replace(inp, recompute_layers=k - 1)).total
     assert plan.memory["total"] == pytest.approx(estimate_memory(inp).total / GiB)
     d = plan.to_dict()
-    assert d["kernels"] == "liger" and d["recompute_layers"] == k and d["without"] == [] and d["loss"] == "objective"
+    assert d["kernels"] == "inductor" and d["recompute_layers"] == k and d["without"] == [] and d["loss"] == "objective"
 
 
 def test_without_fused_kernels_keeps_hf_and_says_why(h200):
     plan = _pretrain13(h200, without=["fused-kernels"])
     assert plan.kernels == "hf" and not any(a.what == "kernels" for a in plan.adjustments)
-    assert any("liger" in n and "--without fused-kernels" in n for n in plan.notes)
+    assert any("inductor" in n and "--without fused-kernels" in n for n in plan.notes)
     # transformers' modules save more per token: at least as many layers must be replayed
     assert plan.recompute_layers >= _pretrain13(h200).recompute_layers
     assert plan.without == ("fused-kernels",)
@@ -261,7 +261,7 @@ def test_explicit_recompute_and_all(h200):
 
 def test_without_packing_and_target_loss(h200):
     plan = _pretrain13(h200, without=["packing"])
-    assert plan.packed is False and plan.attn_implementation == "sdpa" and plan.kernels == "liger"
+    assert plan.packed is False and plan.attn_implementation == "sdpa" and plan.kernels == "inductor"
     plan = _pretrain13(h200, without=["target-loss"])
     assert plan.loss == "hf" and plan.packed
     (adj,) = [a for a in plan.adjustments if a.what == "loss"]
@@ -270,8 +270,31 @@ def test_without_packing_and_target_loss(h200):
     assert (both.packed, both.loss, both.kernels, both.recompute_layers) == (False, "hf", "hf", 40)
 
 
+def test_without_compiled_layers_takes_the_next_kernel_set(h200):
+    plan = _pretrain13(h200, without=["compiled-layers"])
+    assert plan.kernels == "liger" and any("inductor" in n and "--without compiled-layers" in n for n in plan.notes)
+    # Inductor is counted as Liger in the memory model: the same layers are replayed
+    assert plan.recompute_layers == _pretrain13(h200).recompute_layers
+
+
+def test_compiled_layers_make_each_decoder_layer_a_zero3_fetch_unit(h200):
+    finetune = build_plan(h200, case="llava1.5-13b", stage="finetune", nproc=4)
+    zero = finetune.deepspeed_overrides()["zero_optimization"]
+    assert finetune.kernels == "inductor"
+    assert zero["leaf_module"]["classes"] == ["LlamaDecoderLayer"] and zero["memory_efficient_linear"] is False
+    assert zero["stage3_prefetch_bucket_size"] == 500_000_000  # the buckets stay
+    # the memory model reads the same config: a fetch unit holds a whole layer's gradients at once
+    assert finetune.memory["terms"]["largest_param_grad"] > build_plan(
+        h200, case="llava1.5-13b", stage="finetune", nproc=4, without=["compiled-layers"]).memory["terms"]["largest_param_grad"]
+    eager = build_plan(h200, case="llava1.5-13b", stage="finetune", nproc=4, without=["compiled-layers"])
+    assert "leaf_module" not in eager.deepspeed_overrides()["zero_optimization"]
+    assert _pretrain13(h200).deepspeed_overrides() == {}  # ZeRO-2 has no fetch hooks to move
+
+
 def test_liger_needs_its_packages_and_ampere():
-    assert _pretrain13(_h200(("torch.nn.attention.varlen", "triton"))).kernels == "hf"  # liger_kernel missing
+    assert _pretrain13(_h200(("torch.nn.attention.varlen",))).kernels == "hf"  # no triton: neither set
+    assert _pretrain13(_h200(("torch.nn.attention.varlen", "triton"))).kernels == "inductor"  # liger_kernel missing
+    assert _pretrain13(_h200(("torch.nn.attention.varlen", "triton")), without=["compiled-layers"]).kernels == "hf"
     machine = describe_machine("Tesla V100-SXM2-32GB", 32 * GiB, packages=frozenset(H200_PACKAGES))
     v100 = build_plan(load_registry(machine=machine).select("nvidia"), case="tiny", stage="pretrain", nproc=1)
     assert v100.kernels == "hf"
@@ -303,8 +326,8 @@ def test_parse_recompute():
     for bad in (41, "41", "-1", "x", None, "1.5"):
         with pytest.raises(ConfigError):
             parse_recompute(bad, 40)
-    assert set(LEVERS) == {"packing", "selective-recompute", "target-loss", "fused-kernels", "loader-workers",
-                           "zero3-buckets"}
+    assert set(LEVERS) == {"packing", "selective-recompute", "target-loss", "fused-kernels", "compiled-layers",
+                           "loader-workers", "zero3-buckets"}
 
 
 def test_refit_with_the_data_bound_replaces_the_record(h200):
@@ -532,11 +555,11 @@ def test_cli_plan_json_shows_the_levers(cli):
               "--assume-package", "liger_kernel", "--assume-package", "triton", "--json")
     assert out.returncode == 0, out.stderr
     plan = json.loads(out.stdout)
-    assert plan["backend"] == "nvidia" and plan["kernels"] == "liger" and plan["packed"] is True
+    assert plan["backend"] == "nvidia" and plan["kernels"] == "inductor" and plan["packed"] is True
     assert plan["without"] == [] and plan["recompute"] == "auto" and plan["micro_batch_tokens"] is None
     assert 0 < plan["recompute_layers"] < 40
     by_what = {a["what"]: a for a in plan["adjustments"]}
-    assert by_what["recompute_layers"]["to"] == plan["recompute_layers"] and by_what["kernels"]["to"] == "liger"
+    assert by_what["recompute_layers"]["to"] == plan["recompute_layers"] and by_what["kernels"]["to"] == "inductor"
 
 
 @pytest.mark.parametrize("args,needle", [(("--without", "nosuch"), "--without nosuch: unknown lever"),

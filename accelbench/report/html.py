@@ -155,8 +155,9 @@ def _performance(result: dict[str, Any]) -> str:
     numeric = {i for i, c in enumerate(cols) if c not in {"config", "fix_hp"}}
     return ('<section id="performance">\n<h3>Performance</h3>\n'
             + _table(cols, [[r[c] for c in cols] for r in rows], table_id="performance-table", numeric=numeric)
-            + "<p>Steady-state figures exclude the warm-up steps listed in result.json "
-              "(<code>warmup_steps_excluded</code>).</p>\n</section>\n")
+            + "<p>Steady-state figures exclude the warm-up steps and the steps in which torch.compile made a "
+              "graph, counted in result.json (<code>warmup_steps_excluded</code>, "
+              "<code>compile_steps_excluded</code>).</p>\n</section>\n")
 
 
 def _img_src(path: Path) -> str:

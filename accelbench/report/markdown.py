@@ -130,6 +130,6 @@ def render_markdown(result: dict[str, Any]) -> str:
         "", "* Performance", "",
     ]
     lines += _table(performance_rows(result))
-    lines += ["", "Steady-state figures exclude the warm-up steps listed in result.json "
-              "(`warmup_steps_excluded`)."]
+    lines += ["", "Steady-state figures exclude the warm-up steps and the steps in which torch.compile made a "
+              "graph, counted in result.json (`warmup_steps_excluded`, `compile_steps_excluded`)."]
     return "\n".join(lines) + "\n"

@@ -60,7 +60,8 @@ def steps_by_stage(events: list[dict[str, Any]], result: dict[str, Any] | None =
     """Steps grouped by stage (in the result's stage order), each with a reliable `warmup` flag.
 
     The flag in events.jsonl may be False for every step, because the trainer decides warm-up only
-    after the stage ends; result.json's `warmup_steps_excluded` (the first N steps) then decides.
+    after the stage ends; result.json's `warmup_steps_excluded` (the first N steps) then decides. A step in
+    which torch.compile made a graph (`compiled`) is left out of the steady state too, so it counts as warm-up.
     """
     order = list((result or {}).get("stages", {}))
     grouped: dict[str, list[dict]] = {s: [] for s in order}
@@ -71,7 +72,7 @@ def steps_by_stage(events: list[dict[str, Any]], result: dict[str, Any] | None =
         metrics = ((result or {}).get("stages", {}).get(stage) or {}).get("metrics") or {}
         n_warm = int(metrics.get("warmup_steps_excluded") or 0)
         for i, e in enumerate(steps):
-            e["warmup"] = bool(e.get("warmup")) or i < n_warm
+            e["warmup"] = bool(e.get("warmup")) or i < n_warm or bool(e.get("compiled"))
     return {s: v for s, v in grouped.items() if v}
 
 

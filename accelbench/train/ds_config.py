@@ -67,10 +67,16 @@ ZERO3_BUCKETS: dict[str, Any] = {"zero_optimization": {"stage3_prefetch_bucket_s
                                                        "reduce_bucket_size": 500_000_000}}
 
 
-# The LLM decoder layer of every LLaVA-1.5 case (Vicuna). DeepSpeed's documented ``leaf_module`` option can make it
-# one ZeRO-3 fetch unit (benchmarks/gpu/ds/zero3-leaf.json); measured on 2 and 4 H200s it does not pay, so no
-# lever sets it (docs/performance.md), but the memory model counts what it holds when a --ds-config does.
+# The LLM decoder layer of every LLaVA-1.5 case (Vicuna). DeepSpeed's documented ``leaf_module`` option makes it
+# one ZeRO-3 fetch unit (benchmarks/gpu/ds/zero3-leaf.json). On its own it did not pay on 2 and 4 H200s
+# (docs/performance.md); compiled decoder layers need it (COMPILED_LAYERS), and the memory model counts what it holds.
 DECODER_LAYER_CLASS = "LlamaDecoderLayer"
+
+# ZeRO-3 settings under which a decoder layer's forward can be one torch.compile graph: ZeRO-3's fetch and release
+# hooks run only around the whole layer (not inside it, where each would break the graph), and nn.functional.linear
+# stays torch's own instead of ZeRO-3's memory-efficient autograd function.
+COMPILED_LAYERS: dict[str, Any] = {"zero_optimization": {"leaf_module": {"classes": [DECODER_LAYER_CLASS]},
+                                                         "memory_efficient_linear": False}}
 
 
 def leaf_layer_classes(zero: dict[str, Any]) -> list[str]:
@@ -78,10 +84,12 @@ def leaf_layer_classes(zero: dict[str, Any]) -> list[str]:
     return list((zero.get("leaf_module") or {}).get("classes") or [])
 
 
-def tuned_overrides(zero3_buckets: bool, user: dict[str, Any] | None) -> dict[str, Any]:
-    """What is merged over LLaVA's DeepSpeed config: the tuned ZeRO-3 buckets where chosen, then the user's
-    --ds-config. The plan and the HF Trainer peer both build theirs here, so their configs stay the same."""
-    return deep_merge(ZERO3_BUCKETS if zero3_buckets else {}, user or {})
+def tuned_overrides(zero3_buckets: bool, user: dict[str, Any] | None, compiled_layers: bool = False) -> dict[str, Any]:
+    """What is merged over LLaVA's DeepSpeed config: the tuned ZeRO-3 buckets where chosen, the settings compiled
+    decoder layers need under ZeRO-3, then the user's --ds-config. The plan and the HF Trainer peer both build
+    theirs here, so their configs differ only by what the compiled layers need."""
+    out = deep_merge(ZERO3_BUCKETS if zero3_buckets else {}, COMPILED_LAYERS if compiled_layers else {})
+    return deep_merge(out, user or {})
 
 
 # Keys the plan owns: a user file setting them would contradict the batch sizes, precision or stage that

@@ -1,22 +1,52 @@
 """Fused kernel sets the trainer can switch on by name (a backend offers them in its capabilities).
 
-They replace transformers' module classes, so they must be applied before the model is built.
+"liger" replaces transformers' module classes, so it is applied before the model is built; "inductor"
+compiles each built decoder layer's forward with torch.compile.
 """
 from __future__ import annotations
 
+import types
+from typing import Any
+
 from ..errors import ConfigError
+
+KNOWN = ("hf", "liger", "inductor")
 
 
 def apply_kernels(name: str) -> None:
-    """Install kernel set ``name`` for Llama decoder layers in this process ("hf": leave transformers' own)."""
-    if name == "hf":
-        return
+    """Install kernel set ``name`` for Llama decoder layers in this process, before the model is built."""
+    if name not in KNOWN:
+        raise ConfigError(f"kernel set {name!r} is unknown to the trainer: the backend offered it, but only "
+                          f"{', '.join(KNOWN)} can be applied (run with --without fused-kernels)")
     if name == "liger":
         # RMSNorm, SwiGLU and RoPE only: the loss is accelbench's target-only chunked objective
         from liger_kernel.transformers import apply_liger_kernel_to_llama
 
         apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
                                     fused_linear_cross_entropy=False)
-        return
-    raise ConfigError(f"kernel set {name!r} is unknown to the trainer: the backend offered it, but only "
-                      f"'hf' and 'liger' can be applied (run with --without fused-kernels)")
+
+
+def compile_layers(model: Any, name: str) -> int:
+    """For kernel set "inductor": compile the forward of every LLM decoder layer; returns how many.
+
+    The forward, not the module call: hooks (ZeRO-3's fetch and release, around the whole layer when it is a
+    fetch unit) and activation checkpointing stay outside the graph. One compiled function serves every layer,
+    with dynamic shapes, because a packed micro-batch has a different token count every step.
+    """
+    if name != "inductor":
+        return 0
+    import torch
+
+    layers = model.model.language_model.layers
+    forward = torch.compile(type(layers[0]).forward, dynamic=True)
+    for layer in layers:
+        layer.forward = types.MethodType(forward, layer)
+    return len(layers)
+
+
+def compile_counters() -> dict[str, int]:
+    """What torch.compile did in this process: the graphs it made (a recompile makes another) and graph breaks."""
+    from torch._dynamo.utils import counters
+
+    return {"graphs": int(counters["stats"].get("unique_graphs", 0)),
+            "graph_breaks": int(sum(counters["graph_break"].values()))}

@@ -37,6 +37,7 @@ class StepRecord:
     rss: int
     tokens_per_s_per_proc: float
     warmup: bool = False
+    compiled: bool = False  # torch.compile made a graph during this step, on some rank (a one-off cost)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -112,7 +113,9 @@ def summarize(records: list[StepRecord], *, world_size: int, stage_wall_s: float
     if not records:
         return {"steps": 0}
     warm = warmup_steps(len(records))
-    steady = records[warm:] or records
+    # a step in which torch.compile made a graph (a new shape) pays a one-off cost: not steady, like warm-up
+    compiling = [r for r in records[warm:] if r.compiled]
+    steady = [r for r in records[warm:] if not r.compiled] or records[warm:] or records
     t = sum(r.time_s for r in steady)
     tps = sum(r.real_tokens for r in steady) / t / world_size
     model_fps = sum(r.model_flops for r in steady) / t / world_size
@@ -121,7 +124,8 @@ def summarize(records: list[StepRecord], *, world_size: int, stage_wall_s: float
     losses = [r.loss for r in records]
     peak_alloc = max(r.mem_allocated for r in records)
     out: dict[str, Any] = {
-        "steps": len(records), "warmup_steps_excluded": warm, "steady_steps": len(steady),
+        "steps": len(records), "warmup_steps_excluded": warm, "compile_steps_excluded": len(compiling),
+        "steady_steps": len(steady),
         "step_time_s_median": sorted(r.time_s for r in steady)[len(steady) // 2],
         "tokens_per_s_per_proc": tps, "tokens_per_s_per_proc_e2e": e2e,
         "tokens_per_s_per_board": tps * chips_per_board if chips_per_board > 1 else None,

@@ -66,6 +66,7 @@ class StageRunner:
         dev_type = self.info.torch_device_type
         self.device = torch.device(dev_type, local_rank) if dev_type != "cpu" else torch.device("cpu")
         self.stage_dir = Path(cfg.run_dir) / stage
+        self.compiled_layers = 0  # decoder layers compiled by torch.compile (kernel set "inductor")
         if rank == 0:
             self.stage_dir.mkdir(parents=True, exist_ok=True)
 
@@ -99,7 +100,7 @@ class StageRunner:
     def build_engine(self, ds_config: dict[str, Any]) -> tuple[Any, Any]:
         import deepspeed
 
-        from .kernels import apply_kernels
+        from .kernels import apply_kernels, compile_layers
         from .model import WeightPaths, build_model, enable_checkpointing, freeze_for_stage, load_projector
 
         apply_kernels(self.plan.get("kernels", "hf"))  # replaces module classes: before the build
@@ -119,6 +120,7 @@ class StageRunner:
         trainable = freeze_for_stage(model, self.stage)
         if self.plan["gradient_checkpointing"]:
             enable_checkpointing(model, self.plan.get("recompute_layers"))
+        self.compiled_layers = compile_layers(model, self.plan.get("kernels", "hf"))
         optimizer = adamw(trainable, self.plan["lr"])
         scheduler = cosine_with_warmup(optimizer, self.cfg.steps[self.stage])
         p = self.plan
@@ -223,6 +225,7 @@ class StageRunner:
             # per-step seed: any random op draws the same numbers whether or not the run was resumed
             torch.manual_seed(self.cfg.seed * 1_000_003 + (0 if self.stage == "pretrain" else 500_009) + n)
             position_before = self._position
+            graphs_before = self._graphs()
             self.acc.synchronize()
             t0 = time.perf_counter()
             real = padded = samples = 0
@@ -262,7 +265,8 @@ class StageRunner:
                     samples += len(batch["ids"])
                 stop_flag = 1.0 if stop is not None and stop.signum else 0.0
                 stats = torch.tensor([real, padded, samples, mflops, hflops, torch.stack(losses).sum().item(),
-                                      stop_flag], dtype=torch.float64, device=self.device)
+                                      stop_flag, self._graphs() - graphs_before], dtype=torch.float64,
+                                     device=self.device)
                 dist.all_reduce(stats)
                 loss_mean = float(stats[5]) / (self.world_size * gas)
                 if not math.isfinite(loss_mean):
@@ -285,7 +289,7 @@ class StageRunner:
                 model_flops=float(stats[3]), hardware_flops=float(stats[4]),
                 mem_allocated=self._mem("max_memory_allocated"), mem_reserved=self._mem("max_memory_reserved"),
                 rss=rss_bytes(), tokens_per_s_per_proc=float(stats[0]) / dt / self.world_size,
-                warmup=step < warm,
+                warmup=step < warm, compiled=float(stats[7]) > 0,
             )
             records.append(rec)
             if self.rank == 0:
@@ -311,6 +315,10 @@ class StageRunner:
                             flagperf_params=self.preset.nominal_params, stage=self.stage, device_total=total)
         summary["data"] = data_info
         summary["trainer_adjustments"] = self.trainer_adjustments
+        if self.compiled_layers:
+            from .kernels import compile_counters
+
+            summary["compiled_layers"] = {"layers": self.compiled_layers, **compile_counters()}
         summary["mem_device_used"] = self._device_used()
         if resume_at is not None:
             summary["resumed_from_step"] = resume_at
@@ -352,6 +360,14 @@ class StageRunner:
                 yield batch
             epoch, start = epoch + 1, 0
             self._position = (epoch, 0)
+
+    def _graphs(self) -> int:
+        """Graphs torch.compile has made in this process so far (0 without compiled layers)."""
+        if not self.compiled_layers:
+            return 0
+        from .kernels import compile_counters
+
+        return compile_counters()["graphs"]
 
     def _mem(self, what: str) -> int:
         if self.device.type == "cuda":

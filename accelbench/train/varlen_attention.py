@@ -13,6 +13,10 @@ import torch
 import torch.nn.functional as F
 
 NAME = "accelbench_varlen"
+# torch's flash varlen kernel and its causal keyword, found once in ``register`` so that a torch.compile'd
+# decoder layer traces no import or signature inspection (each would break the graph)
+_VARLEN: Any = None
+_VARLEN_CAUSAL: dict[str, Any] = {}
 
 
 def _causal_kwargs(fn: Any) -> dict[str, Any]:
@@ -40,12 +44,12 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
     groups = q.shape[1] // k.shape[1]
     if q.is_cuda:
-        from torch.nn.attention.varlen import varlen_attn
-
+        if _VARLEN is None:
+            raise RuntimeError("torch.nn.attention.varlen is not importable here, or register() was not called")
         max_len = int(kwargs.get("max_length_q") or int((cu[1:] - cu[:-1]).max()))
         extra = {"enable_gqa": True} if groups > 1 else {}
-        out = varlen_attn(q, k, v, cu.to(q.device), cu.to(q.device), max_len, max_len, scale=scaling,
-                          **_causal_kwargs(varlen_attn), **extra)
+        out = _VARLEN(q, k, v, cu.to(q.device), cu.to(q.device), max_len, max_len, scale=scaling,
+                      **_VARLEN_CAUSAL, **extra)
     else:
         bounds = cu.tolist()
         k, v = _expand_kv(k, groups), _expand_kv(v, groups)
@@ -59,7 +63,14 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
 
 def register() -> str:
     """Make ``attn_implementation="accelbench_varlen"`` available to transformers models."""
+    global _VARLEN, _VARLEN_CAUSAL
     from transformers import AttentionInterface
 
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:  # older torch: CUDA batches then need flash_attn's implementation instead
+        pass
+    else:
+        _VARLEN, _VARLEN_CAUSAL = varlen_attn, _causal_kwargs(varlen_attn)
     AttentionInterface.register(NAME, varlen_attention_forward)
     return NAME

@@ -72,7 +72,11 @@ for arg in "$@"; do
       timeout "${PHASE_TIMEOUT:-400}" python3 benchmarks/gpu/compare_peer.py --case "llava1.5-$size" --stage "$stage" \
         --path-timeout "${PATH_TIMEOUT:-$(( ${PHASE_TIMEOUT:-400} / 2 - 10 ))}" \
         --steps "$STEPS" --nproc "$NPROC" "${fixed[@]}" "${tuned[@]}" --out "/tmp/$label" --json "$OUT/$label.json" \
-        ${WITHOUT:+--without $WITHOUT} ${ABLATE:+--ablate $ABLATE} ${NO_PEER:+--no-peer} 2>&1 | grep -v INFO | tail -24 ;;
+        ${WITHOUT:+--without $WITHOUT} ${ABLATE:+--ablate $ABLATE} ${NO_PEER:+--no-peer} 2>&1 | grep -v INFO | tail -24
+      for e in /tmp/"$label"/*/run/events.jsonl; do  # per-step times of every path
+        [ -f "$e" ] && cp "$e" "$OUT/$label.$(basename "$(dirname "$(dirname "$e")")").events.jsonl"
+      done
+      grep -h -A4 "Recompiling" /tmp/"$label"/*/log.txt 2>/dev/null | head -30 ;;  # with TORCH_LOGS=recompiles
     mem7b|mem13b)
       case=llava1.5-${phase#mem}
       if [ "$phase" = mem7b ]; then fmbs="8 16"; else fmbs="4 8"; fi

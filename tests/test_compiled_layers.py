@@ -1,0 +1,124 @@
+"""Compiled decoder layers (kernel set "inductor") train the same model as eager ones: under ZeRO-3 with each
+decoder layer as a fetch unit (ds_config.COMPILED_LAYERS), over two gloo ranks, on packed micro-batches with the
+first layer replayed, the per-step losses and gradient norms equal the eager run's in fp32.
+
+Each run is a child process (torch.distributed.run) so DeepSpeed's and dynamo's globals never leak into pytest.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+STEPS, IMAGE_TOKEN = 3, 1000
+LENGTHS = ((30, 22), (41, 17), (25, 36))  # two samples per rank and step: the CPU varlen path loops over them
+
+
+def _child(kernels: str, out: str) -> None:
+    import deepspeed
+    import torch
+    from deepspeed.accelerator import set_accelerator
+
+    from accelbench.backends import load_registry
+
+    set_accelerator(load_registry().select("cpu").deepspeed_accelerator())
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank = torch.distributed.get_rank()
+    from accelbench.cases import get_preset
+    from accelbench.train.ds_config import deepspeed_config, tuned_overrides
+    from accelbench.train.kernels import compile_counters, compile_layers
+    from accelbench.train.model import build_model, enable_checkpointing, freeze_for_stage
+    from accelbench.train.objective import LlavaObjective
+    from accelbench.train.packing import collate_packed
+    from accelbench.train.varlen_attention import register
+
+    preset = get_preset("tiny")
+    config = deepspeed_config(zero_stage=3, micro_batch=2, grad_accum=1, world_size=2, dtype="fp32",
+                              hidden_size=preset.llm.hidden, overrides=tuned_overrides(False, None, compiled_layers=True))
+    torch.manual_seed(0)
+    model = build_model(preset, image_token_id=IMAGE_TOKEN, pad_token_id=0, dtype="fp32", attn_implementation=register(),
+                        device=torch.device("cpu"), zero3_config=config)
+    trainable = freeze_for_stage(model, "finetune")
+    enable_checkpointing(model, 1)
+    compiled = compile_layers(model, kernels)
+    optimizer = torch.optim.AdamW(trainable, lr=3e-3)
+    engine, _, _, _ = deepspeed.initialize(model=LlavaObjective(model, uniform_calls=True, lm_head_calls=1),
+                                           optimizer=optimizer, config=config)
+    engine.train()
+
+    def sample(n: int, length: int) -> dict:
+        g = torch.Generator().manual_seed(100 * n + length + rank)
+        ids = torch.randint(1, IMAGE_TOKEN - 1, (length,), generator=g)
+        return {"id": str(n), "input_ids": ids, "labels": ids.clone(), "pixel_values": None}
+
+    steps = []
+    for n, lengths in enumerate(LENGTHS):
+        batch = collate_packed([sample(n, length + 3 * rank) for length in lengths], pad_token_id=0)
+        inputs = {k: batch[k] for k in ("input_ids", "labels", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k",
+                                        "max_length_q", "max_length_k")}
+        loss = engine(**inputs)
+        engine.backward(loss)
+        engine.step()
+        steps.append([loss.item(), float(engine.get_global_grad_norm())])
+    if rank == 0:
+        with open(out, "w", encoding="utf-8") as f:
+            json.dump({"steps": steps, "compiled": compiled, "counters": compile_counters()}, f)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(kernels: str, tmp_path) -> dict:
+    out = tmp_path / f"{kernels}.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+           __file__, kernels, str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+def _record(step: int, time_s: float, compiled: bool = False):
+    from accelbench.train.metrics import StepRecord
+
+    return StepRecord(stage="finetune", step=step, time_s=time_s, real_tokens=1000, padded_tokens=1000, samples=4,
+                      loss=2.0, lr=1e-3, grad_norm=1.0, model_flops=1e12, hardware_flops=1e12, mem_allocated=1,
+                      mem_reserved=1, rss=1, tokens_per_s_per_proc=1000 / time_s, compiled=compiled)
+
+
+def test_a_step_that_compiled_is_left_out_of_the_steady_state():
+    from accelbench.report.plots import steps_by_stage
+    from accelbench.train.metrics import summarize
+
+    # step 1 is warm-up; step 4 made a graph for a new shape (a one-off 10 s)
+    records = [_record(1, 80.0, True), _record(2, 2.0), _record(3, 2.0), _record(4, 10.0, True), _record(5, 2.0)]
+    out = summarize(records, world_size=1, stage_wall_s=100.0, peak_flops=1e15, chips_per_board=1,
+                    flagperf_params=1e9, stage="finetune", device_total=1)
+    assert (out["warmup_steps_excluded"], out["compile_steps_excluded"], out["steady_steps"]) == (1, 1, 3)
+    assert out["tokens_per_s_per_proc"] == pytest.approx(500.0)  # 3000 tokens in 6 s
+    flags = [e["warmup"] for e in steps_by_stage([r.to_dict() for r in records])["finetune"]]
+    assert flags == [True, False, False, True, False]  # the plots draw it with the warm-up steps
+    # every steady step compiling leaves the post-warm-up steps as they are rather than nothing
+    assert summarize([_record(1, 9.0, True), _record(2, 4.0, True), _record(3, 4.0, True)], world_size=1,
+                     stage_wall_s=20.0, peak_flops=None, chips_per_board=1, flagperf_params=1e9, stage="finetune",
+                     device_total=1)["steady_steps"] == 2
+
+
+@pytest.mark.slow
+def test_compiled_layers_train_like_eager_under_zero3(tmp_path):
+    eager, compiled = _run("hf", tmp_path), _run("inductor", tmp_path)
+    assert eager["compiled"] == 0 and eager["counters"]["graphs"] == 0
+    assert compiled["compiled"] == 2 and compiled["counters"]["graphs"] >= 1  # the layers did run compiled
+    assert len({round(loss, 4) for loss, _ in eager["steps"]}) > 1  # it trains: the comparison is not vacuous
+    for (loss, norm), (want_loss, want_norm) in zip(compiled["steps"], eager["steps"], strict=True):
+        assert loss == pytest.approx(want_loss, rel=1e-5)
+        assert norm == pytest.approx(want_norm, rel=1e-4)
+
+
+if __name__ == "__main__":
+    _child(sys.argv[1], sys.argv[2])
