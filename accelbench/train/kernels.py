@@ -29,9 +29,10 @@ def apply_kernels(name: str) -> None:
 def compile_layers(model: Any, name: str) -> int:
     """For kernel set "inductor": compile the forward of every LLM decoder layer; returns how many.
 
-    The forward, not the module call: hooks (ZeRO-3's fetch and release, around the whole layer when it is a
-    fetch unit) and activation checkpointing stay outside the graph. One compiled function serves every layer,
-    with dynamic shapes, because a packed micro-batch has a different token count every step.
+    The forward, not the module call: module hooks (ZeRO-3's fetch and release, around the whole layer when it
+    is a fetch unit) stay outside the graph. transformers' activation checkpointing is part of the layer's
+    forward, so it is traced into the graph, which then has a replayed and a kept variant. One compiled function
+    serves every layer, with dynamic shapes, because a packed micro-batch has a different token count every step.
     """
     if name != "inductor":
         return 0
