@@ -20,7 +20,7 @@ LEVERS = {
     "packing": "pad micro-batches instead of packing them for varlen attention",
     "selective-recompute": "replay every decoder layer instead of only as many as memory needs",
     "target-loss": "transformers' loss (fp32 logits at every position) instead of the target-only chunked loss",
-    "fused-kernels": "transformers' own norm/MLP/rotary modules instead of the backend's fused kernels",
+    "fused-kernels": "transformers' own norm/MLP/rotary modules instead of the backend's fused or compiled kernels",
     "compiled-layers": "eager decoder layers (the backend's next kernel set) instead of torch.compile'd ones",
     "loader-workers": "load and collate batches in the training process",
     "zero3-buckets": "LLaVA's ZeRO-3 bucket sizes (hidden², HF's auto) instead of 5e8-element prefetch and reduce buckets",
@@ -218,6 +218,7 @@ def build_plan(backend: Any, *, case: str, stage: str, nproc: int = 1, micro_bat
         plan.record(plan.change("loss", "hf", "--without target-loss", "user"))
     plan.record(backend.setup_env(plan.env))
     _resolve_capabilities(plan, backend)
+    _check_compiled_layer_config(plan)
     plan.usable_memory = int(plan.device_memory * backend.memory_headroom())
     calibration = backend.memory_calibration()
     if requested == "auto":
@@ -334,6 +335,20 @@ def _resolve_kernels(plan: RunPlan, backend: Any) -> None:
         return
     plan.record(plan.change("kernels", offered[0].name, offered[0].description or
                             f"backend {backend.name} offers {offered[0].name}", backend.name))
+
+
+def _check_compiled_layer_config(plan: RunPlan) -> None:
+    """A --ds-config merged over the settings compiled layers need under ZeRO-3 can undo them: say so."""
+    if plan.zero_stage != 3 or plan.kernels != COMPILED_KERNELS or not plan.ds_overrides:
+        return
+    from .train.ds_config import DECODER_LAYER_CLASS, leaf_layer_classes
+
+    zero = plan.deepspeed_overrides().get("zero_optimization", {})
+    units = [c.rsplit(".", 1)[-1] for c in leaf_layer_classes(zero)]
+    if zero.get("memory_efficient_linear", True) or DECODER_LAYER_CLASS not in units:
+        plan.notes.append("--ds-config sets zero_optimization.leaf_module or memory_efficient_linear against what "
+                          "compiled decoder layers need: ZeRO-3's hooks or its linear then break the compiled graph "
+                          "(drop those keys, or run --without compiled-layers)")
 
 
 def _resolve_capabilities(plan: RunPlan, backend: Any) -> None:

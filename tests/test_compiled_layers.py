@@ -6,7 +6,6 @@ Each run is a child process (torch.distributed.run) so DeepSpeed's and dynamo's 
 """
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -67,17 +66,12 @@ def _child(kernels: str, out: str) -> None:
             json.dump({"steps": steps, "compiled": compiled, "counters": compile_counters()}, f)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(kernels: str, tmp_path) -> dict:
     out = tmp_path / f"{kernels}.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
-           __file__, kernels, str(out)]
+    # --standalone: the launcher picks a free port itself, so concurrent runs never race for one
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", __file__, kernels,
+           str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(out.read_text())
@@ -103,17 +97,22 @@ def test_a_step_that_compiled_is_left_out_of_the_steady_state():
     assert out["tokens_per_s_per_proc"] == pytest.approx(500.0)  # 3000 tokens in 6 s
     flags = [e["warmup"] for e in steps_by_stage([r.to_dict() for r in records])["finetune"]]
     assert flags == [True, False, False, True, False]  # the plots draw it with the warm-up steps
-    # every steady step compiling leaves the post-warm-up steps as they are rather than nothing
-    assert summarize([_record(1, 9.0, True), _record(2, 4.0, True), _record(3, 4.0, True)], world_size=1,
-                     stage_wall_s=20.0, peak_flops=None, chips_per_board=1, flagperf_params=1e9, stage="finetune",
-                     device_total=1)["steady_steps"] == 2
+    # every step after warm-up compiling: they are all there is to measure, so they stay steady and none is excluded
+    every = [_record(1, 9.0, True), _record(2, 4.0, True), _record(3, 4.0, True)]
+    out = summarize(every, world_size=1, stage_wall_s=20.0, peak_flops=None, chips_per_board=1, flagperf_params=1e9,
+                    stage="finetune", device_total=1)
+    assert (out["steady_steps"], out["compile_steps_excluded"]) == (2, 0)
+    result = {"stages": {"finetune": {"metrics": out}}}
+    flags = [e["warmup"] for e in steps_by_stage([r.to_dict() for r in every], result)["finetune"]]
+    assert flags == [True, False, False]  # the plots follow the summary
 
 
 @pytest.mark.slow
 def test_compiled_layers_train_like_eager_under_zero3(tmp_path):
     eager, compiled = _run("hf", tmp_path), _run("inductor", tmp_path)
     assert eager["compiled"] == 0 and eager["counters"]["graphs"] == 0
-    assert compiled["compiled"] == 2 and compiled["counters"]["graphs"] >= 1  # the layers did run compiled
+    # the layers did run compiled: a replayed and a kept variant at least (CPU attention adds graph breaks)
+    assert compiled["compiled"] == 2 and compiled["counters"]["graphs"] >= 2
     assert len({round(loss, 4) for loss, _ in eager["steps"]}) > 1  # it trains: the comparison is not vacuous
     for (loss, norm), (want_loss, want_norm) in zip(compiled["steps"], eager["steps"], strict=True):
         assert loss == pytest.approx(want_loss, rel=1e-5)

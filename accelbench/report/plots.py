@@ -61,7 +61,8 @@ def steps_by_stage(events: list[dict[str, Any]], result: dict[str, Any] | None =
 
     The flag in events.jsonl may be False for every step, because the trainer decides warm-up only
     after the stage ends; result.json's `warmup_steps_excluded` (the first N steps) then decides. A step in
-    which torch.compile made a graph (`compiled`) is left out of the steady state too, so it counts as warm-up.
+    which torch.compile made a graph (`compiled`) is left out of the steady state too (unless every step after
+    warm-up compiled, `compile_steps_excluded` 0), so it is drawn with the warm-up steps.
     """
     order = list((result or {}).get("stages", {}))
     grouped: dict[str, list[dict]] = {s: [] for s in order}
@@ -71,8 +72,9 @@ def steps_by_stage(events: list[dict[str, Any]], result: dict[str, Any] | None =
         steps.sort(key=lambda e: e["step"])
         metrics = ((result or {}).get("stages", {}).get(stage) or {}).get("metrics") or {}
         n_warm = int(metrics.get("warmup_steps_excluded") or 0)
+        compiles_excluded = not metrics or bool(metrics.get("compile_steps_excluded"))
         for i, e in enumerate(steps):
-            e["warmup"] = bool(e.get("warmup")) or i < n_warm or bool(e.get("compiled"))
+            e["warmup"] = bool(e.get("warmup")) or i < n_warm or (compiles_excluded and bool(e.get("compiled")))
     return {s: v for s, v in grouped.items() if v}
 
 

@@ -37,7 +37,11 @@ def compile_layers(model: Any, name: str) -> int:
     if name != "inductor":
         return 0
     import torch
+    from torch._dynamo.utils import counters
 
+    # each stage starts afresh: its own recompile budget (dynamo falls back to eager past it) and its own counts
+    torch._dynamo.reset()
+    counters.clear()
     layers = model.model.language_model.layers
     forward = torch.compile(type(layers[0]).forward, dynamic=True)
     for layer in layers:
@@ -46,7 +50,8 @@ def compile_layers(model: Any, name: str) -> int:
 
 
 def compile_counters() -> dict[str, int]:
-    """What torch.compile did in this process: the graphs it made (a recompile makes another) and graph breaks."""
+    """What torch.compile did in this process since the stage compiled its layers: the graphs it made (a recompile
+    makes another) and graph breaks."""
     from torch._dynamo.utils import counters
 
     return {"graphs": int(counters["stats"].get("unique_graphs", 0)),

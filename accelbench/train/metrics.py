@@ -113,9 +113,10 @@ def summarize(records: list[StepRecord], *, world_size: int, stage_wall_s: float
     if not records:
         return {"steps": 0}
     warm = warmup_steps(len(records))
-    # a step in which torch.compile made a graph (a new shape) pays a one-off cost: not steady, like warm-up
-    compiling = [r for r in records[warm:] if r.compiled]
+    # a step in which torch.compile made a graph (a new shape) pays a one-off cost: not steady, like warm-up,
+    # unless every step after warm-up compiled (then they are all that there is to measure)
     steady = [r for r in records[warm:] if not r.compiled] or records[warm:] or records
+    compiling = [r for r in records[warm:] if r.compiled and r not in steady]
     t = sum(r.time_s for r in steady)
     tps = sum(r.real_tokens for r in steady) / t / world_size
     model_fps = sum(r.model_flops for r in steady) / t / world_size
