@@ -68,7 +68,8 @@ def _child(kernels: str, out: str) -> None:
 
 def _run(kernels: str, tmp_path) -> dict:
     out = tmp_path / f"{kernels}.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # Inductor's own cache in the test's folder: nothing shared with other runs on the machine, nothing stale
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
     # --standalone: the launcher picks a free port itself, so concurrent runs never race for one
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", __file__, kernels,
            str(out)]
