@@ -160,15 +160,6 @@ def _zero_cfg(inp: MemoryPlanInput) -> dict[str, Any]:
     return zero
 
 
-def _leaf_layers(zero: dict[str, Any]) -> bool:
-    """Whether the ZeRO config makes each decoder layer one fetch unit: DeepSpeed's ``leaf_module.classes``
-    naming the layer class, bare or qualified (its other forms, module names and the granularity threshold,
-    are not modelled)."""
-    from accelbench.train.ds_config import DECODER_LAYER_CLASS, leaf_layer_classes
-
-    return any(c.rsplit(".", 1)[-1] == DECODER_LAYER_CLASS for c in leaf_layer_classes(zero))
-
-
 def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -323,9 +314,12 @@ def _backward_terms(inp: MemoryPlanInput, zero: dict[str, Any]) -> dict[str, int
         terms["layer_backward"] = layer_ws
 
     # Full-size gradient of the largest trainable tensor before it is copied into the bucket. A ZeRO-3 leaf
-    # decoder layer (--ds-config leaf_module) hands its gradients over only after its whole backward: all at once.
+    # decoder layer (compiled layers, or --ds-config leaf_module) hands its gradients over only after its whole
+    # backward: all at once.
+    from accelbench.train.ds_config import decoder_layers_are_units
+
     grad_held = _largest_trainable_tensor(p, inp.stage)
-    if inp.zero_stage == 3 and inp.stage == "finetune" and _leaf_layers(zero):
+    if inp.zero_stage == 3 and inp.stage == "finetune" and decoder_layers_are_units(zero):
         grad_held = max(grad_held, t.layer_params)
     terms["largest_param_grad"] = grad_held * b
     if inp.zero_stage == 3:

@@ -341,11 +341,10 @@ def _check_compiled_layer_config(plan: RunPlan) -> None:
     """A --ds-config merged over the settings compiled layers need under ZeRO-3 can undo them: say so."""
     if plan.zero_stage != 3 or plan.kernels != COMPILED_KERNELS or not plan.ds_overrides:
         return
-    from .train.ds_config import DECODER_LAYER_CLASS, leaf_layer_classes
+    from .train.ds_config import decoder_layers_are_units
 
     zero = plan.deepspeed_overrides().get("zero_optimization", {})
-    units = [c.rsplit(".", 1)[-1] for c in leaf_layer_classes(zero)]
-    if zero.get("memory_efficient_linear", True) or DECODER_LAYER_CLASS not in units:
+    if zero.get("memory_efficient_linear", True) or not decoder_layers_are_units(zero):
         plan.notes.append("--ds-config sets zero_optimization.leaf_module or memory_efficient_linear against what "
                           "compiled decoder layers need: ZeRO-3's hooks or its linear then break the compiled graph "
                           "(drop those keys, or run --without compiled-layers)")

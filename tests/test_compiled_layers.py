@@ -31,6 +31,7 @@ def _child(kernels: str, out: str) -> None:
     from accelbench.train.model import build_model, enable_checkpointing, freeze_for_stage
     from accelbench.train.objective import LlavaObjective
     from accelbench.train.packing import collate_packed
+    from accelbench.train.stage import model_inputs
     from accelbench.train.varlen_attention import register
 
     preset = get_preset("tiny")
@@ -55,9 +56,7 @@ def _child(kernels: str, out: str) -> None:
     steps = []
     for n, lengths in enumerate(LENGTHS):
         batch = collate_packed([sample(n, length + 3 * rank) for length in lengths], pad_token_id=0)
-        inputs = {k: batch[k] for k in ("input_ids", "labels", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k",
-                                        "max_length_q", "max_length_k")}
-        loss = engine(**inputs)
+        loss = engine(**model_inputs(batch, torch.device("cpu"), torch.float32))
         engine.backward(loss)
         engine.step()
         steps.append([loss.item(), float(engine.get_global_grad_norm())])

@@ -79,9 +79,11 @@ COMPILED_LAYERS: dict[str, Any] = {"zero_optimization": {"leaf_module": {"classe
                                                          "memory_efficient_linear": False}}
 
 
-def leaf_layer_classes(zero: dict[str, Any]) -> list[str]:
-    """The module classes a ZeRO config makes fetch units (its ``leaf_module.classes``)."""
-    return list((zero.get("leaf_module") or {}).get("classes") or [])
+def decoder_layers_are_units(zero: dict[str, Any]) -> bool:
+    """Whether a ZeRO config makes each decoder layer one fetch unit: DeepSpeed's ``leaf_module.classes`` naming the
+    layer class, bare or qualified (its other forms, module names and the granularity threshold, are not read)."""
+    classes = (zero.get("leaf_module") or {}).get("classes") or []
+    return any(c.rsplit(".", 1)[-1] == DECODER_LAYER_CLASS for c in classes)
 
 
 def tuned_overrides(zero3_buckets: bool, user: dict[str, Any] | None, compiled_layers: bool = False) -> dict[str, Any]:

@@ -83,9 +83,8 @@ class Kernel(NamedTuple):
     phase: str | None
     name: str
     window: float | None  # start of the phase span holding the launch: tells a phase's runs apart
-    launched: float | None  # when the host called the launch, None without launch records
     thread: Any  # the host thread that launched it
-    launch_end: float | None  # when that launch call returned
+    launch_end: float | None  # when the host's launch call returned, None without launch records
 
 
 def _kernel_phases(trace_events: list[dict[str, Any]], device: Any, cats: tuple[str, ...] = ("kernel",)
@@ -118,8 +117,7 @@ def _kernel_phases(trace_events: list[dict[str, Any]], device: Any, cats: tuple[
         start = float(e["ts"]) / 1e6
         launch, thread, launch_end = launched.get((e.get("args") or {}).get("correlation"), (None, None, None))
         phase, window = within(launch, host) if launch is not None else within(start, annotated)
-        out.append(Kernel(start, start + float(e["dur"]) / 1e6, phase, e.get("name", ""), window, launch, thread,
-                          launch_end))
+        out.append(Kernel(start, start + float(e["dur"]) / 1e6, phase, e.get("name", ""), window, thread, launch_end))
     return sorted(out, key=lambda k: k.start), bool(host or annotated)
 
 
