@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The measurements recorded in docs/gpu-h200.md and docs/performance.md, run through the device tool:
 #   bash benchmarks/gpu/h200_suite.sh PHASE...
-# phases: info nccl varlen liger run7b run13b mem7b mem13b auto7b prof-CASE-STAGE (e.g. prof-13b-finetune)
+# phases: info nccl gemm varlen liger run7b run13b mem7b mem13b auto7b prof-CASE-STAGE (e.g. prof-13b-finetune)
 #         peer-CASE-STAGE (e.g. peer-13b-pretrain, peer-13b-finetune, peer-7b-finetune) and
 #         fixed-CASE-STAGE (every sample 1024 tokens, 576 of them image tokens)
 # ABLATE=lever,lever adds one accelbench run per lever without it (peer-/fixed- phases); NO_PEER=1 skips the
-# peer; STEPS (default 10); PROF_STEPS (prof- phases, default 5: steps 3-4 profiled, the later ones not);
+# peer; STEPS (default 10); MBS (peer-/fixed- phases: micro-batch per GPU, default the stage's LLaVA value);
+# PROF_STEPS (prof- phases, default 5: steps 3-4 profiled, the later ones not);
 # PHASE_TIMEOUT and PATH_TIMEOUT (seconds per phase and per path); TAG names the outputs of prof-, peer- and
 # fixed- phases that differ by their environment (e.g. TAG=nccl8 NCCL_MAX_NCHANNELS=8 ...), so that two suite runs
 # in one call keep both.
@@ -53,6 +54,8 @@ for arg in "$@"; do
       echo "with NCCL_PROTO=Simple:"  # NCCL's protocol choice against its bulk-transfer protocol
       NCCL_PROTO=Simple timeout 120 python3 -m torch.distributed.run --nproc-per-node "$NPROC" benchmarks/gpu/nccl_bw.py \
         2>&1 | grep "^{" | tee "$OUT/nccl_bw_simple.log" ;;
+    gemm)  # one decoder layer's GEMMs alone: the ceiling of a step's GEMM time
+      timeout 120 python3 benchmarks/gpu/gemm_tflops.py | tee "$OUT/gemm_tflops.jsonl" ;;
     varlen)
       python3 benchmarks/gpu/check_varlen.py 2>&1 | tail -3 ;;
     prof-*)  # e.g. prof-13b-finetune: torch.profiler over steps 3-4, summaries to $OUT/prof-.../
@@ -71,7 +74,7 @@ for arg in "$@"; do
       fixed=(); [ "$kind" = fixed ] && fixed=(--fixed-len 1024)
       timeout "${PHASE_TIMEOUT:-400}" python3 benchmarks/gpu/compare_peer.py --case "llava1.5-$size" --stage "$stage" \
         --path-timeout "${PATH_TIMEOUT:-$(( ${PHASE_TIMEOUT:-400} / 2 - 10 ))}" \
-        --steps "$STEPS" --nproc "$NPROC" "${fixed[@]}" "${tuned[@]}" --out "/tmp/$label" --json "$OUT/$label.json" \
+        --steps "$STEPS" --nproc "$NPROC" ${MBS:+--mbs "$MBS"} "${fixed[@]}" "${tuned[@]}" --out "/tmp/$label" --json "$OUT/$label.json" \
         ${WITHOUT:+--without $WITHOUT} ${ABLATE:+--ablate $ABLATE} ${NO_PEER:+--no-peer} 2>&1 | grep -v INFO | tail -24
       for e in /tmp/"$label"/*/run/events.jsonl; do  # per-step times of every path
         [ -f "$e" ] && cp "$e" "$OUT/$label.$(basename "$(dirname "$(dirname "$e")")").events.jsonl"
