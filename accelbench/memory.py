@@ -316,10 +316,10 @@ def _backward_terms(inp: MemoryPlanInput, zero: dict[str, Any]) -> dict[str, int
     # Full-size gradient of the largest trainable tensor before it is copied into the bucket. A ZeRO-3 leaf
     # decoder layer (compiled layers, or --ds-config leaf_module) hands its gradients over only after its whole
     # backward: all at once.
-    from accelbench.train.ds_config import decoder_layers_are_units
+    from accelbench.train.ds_config import layers_are_units
 
     grad_held = _largest_trainable_tensor(p, inp.stage)
-    if inp.zero_stage == 3 and inp.stage == "finetune" and decoder_layers_are_units(zero):
+    if inp.zero_stage == 3 and inp.stage == "finetune" and layers_are_units(zero):
         grad_held = max(grad_held, t.layer_params)
     terms["largest_param_grad"] = grad_held * b
     if inp.zero_stage == 3:

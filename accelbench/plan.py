@@ -341,12 +341,13 @@ def _check_compiled_layer_config(plan: RunPlan) -> None:
     """A --ds-config merged over the settings compiled layers need under ZeRO-3 can undo them: say so."""
     if plan.zero_stage != 3 or plan.kernels != COMPILED_KERNELS or not plan.ds_overrides:
         return
-    from .train.ds_config import decoder_layers_are_units
+    from .train.ds_config import DECODER_LAYER_CLASS, VISION_LAYER_CLASS, layers_are_units
 
     zero = plan.deepspeed_overrides().get("zero_optimization", {})
-    if zero.get("memory_efficient_linear", True) or not decoder_layers_are_units(zero):
+    units = all(layers_are_units(zero, c) for c in (DECODER_LAYER_CLASS, VISION_LAYER_CLASS))
+    if zero.get("memory_efficient_linear", True) or not units:
         plan.notes.append("--ds-config sets zero_optimization.leaf_module or memory_efficient_linear against what "
-                          "compiled decoder layers need: ZeRO-3's hooks or its linear then break the compiled graph "
+                          "compiled layers need: ZeRO-3's hooks or its linear then break the compiled graph "
                           "(drop those keys, or run --without compiled-layers)")
 
 

@@ -82,6 +82,34 @@ def test_objective_equals_transformers_loss_on_padded_batch(model, samples):
     assert ours.item() == pytest.approx(reference.item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("packed", [True, False])
+def test_positions_found_on_the_host_give_the_masked_loss_and_gradients(model, samples, packed):
+    from accelbench.train.stage import model_inputs
+
+    batch = (collate_packed if packed else collate)(samples, pad_token_id=0)
+    objective = LlavaObjective(model)
+    masked = model_inputs(batch, torch.device("cpu"), torch.float32)
+    indexed = model_inputs(batch, torch.device("cpu"), torch.float32, image_token_id=IMAGE)
+    assert "image_index" not in masked
+    assert indexed["image_index"].numel() == 3 * PRESETS["tiny"].vision.image_tokens  # three samples have an image
+    assert indexed["target_index"].numel() == int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    params = [p for p in model.parameters()]
+    results = []
+    for inputs in (masked, indexed):
+        loss = objective(**inputs)
+        results.append((loss.detach(), torch.autograd.grad(loss, params, allow_unused=True)))
+    (l1, g1), (l2, g2) = results
+    assert l2.item() == pytest.approx(l1.item(), rel=1e-6)
+    touched = [(a, b) for a, b in zip(g1, g2) if a is not None]
+    assert len(touched) == len([b for b in g2 if b is not None]) > 0  # the same parameters get gradients
+    for a, b in touched:
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+    # an image whose tokens the collator did not find is an error that says what is missing, not a silent misplace
+    short = dict(indexed, image_index=indexed["image_index"][:-1])
+    with pytest.raises(ValueError, match="image tokens in the micro-batch but .* image features"):
+        objective(**short)
+
+
 def test_chunked_loss_gradients_match_unchunked():
     torch.manual_seed(0)
     head = torch.nn.Linear(16, 50, bias=False)

@@ -281,19 +281,25 @@ def test_compiled_layers_make_each_decoder_layer_a_zero3_fetch_unit(h200):
     finetune = build_plan(h200, case="llava1.5-13b", stage="finetune", nproc=4)
     zero = finetune.deepspeed_overrides()["zero_optimization"]
     assert finetune.kernels == "inductor"
-    assert zero["leaf_module"]["classes"] == ["LlamaDecoderLayer"] and zero["memory_efficient_linear"] is False
+    assert zero["leaf_module"]["classes"] == ["LlamaDecoderLayer", "CLIPEncoderLayer"]
+    assert zero["memory_efficient_linear"] is False
     assert zero["stage3_prefetch_bucket_size"] == 500_000_000  # the buckets stay
     eager = build_plan(h200, case="llava1.5-13b", stage="finetune", nproc=4, without=["compiled-layers"])
     assert "leaf_module" not in eager.deepspeed_overrides()["zero_optimization"]
     # the memory model reads the same config: a fetch unit holds a whole layer's gradients at once
     assert finetune.memory["terms"]["largest_param_grad"] > eager.memory["terms"]["largest_param_grad"]
     assert _pretrain13(h200).deepspeed_overrides() == {}  # ZeRO-2 has no fetch hooks to move
-    assert not any("compiled decoder layers need" in n for n in finetune.notes)
+    assert not any("compiled layers need" in n for n in finetune.notes)
     # a user's file that undoes them is merged (the user's word wins) and named in the plan's notes
     undone = build_plan(h200, case="llava1.5-13b", stage="finetune", nproc=4,
                         ds_overrides={"zero_optimization": {"memory_efficient_linear": True}})
     assert undone.deepspeed_overrides()["zero_optimization"]["memory_efficient_linear"] is True
-    assert any("compiled decoder layers need" in n and "--without compiled-layers" in n for n in undone.notes)
+    assert any("compiled layers need" in n and "--without compiled-layers" in n for n in undone.notes)
+    # a file listing the decoder layer alone (benchmarks/gpu/ds/zero3-leaf.json) replaces the list: the vision
+    # encoder layer is no unit then, and the note says so
+    decoder_only = build_plan(h200, case="llava1.5-13b", stage="finetune", nproc=4, ds_overrides={
+        "zero_optimization": {"leaf_module": {"classes": ["LlamaDecoderLayer"]}}})
+    assert any("compiled layers need" in n for n in decoder_only.notes)
 
 
 def test_liger_needs_its_packages_and_ampere():

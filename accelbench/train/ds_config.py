@@ -71,19 +71,22 @@ ZERO3_BUCKETS: dict[str, Any] = {"zero_optimization": {"stage3_prefetch_bucket_s
 # one ZeRO-3 fetch unit (benchmarks/gpu/ds/zero3-leaf.json). On its own it did not pay on 2 and 4 H200s
 # (docs/performance.md); compiled decoder layers need it (COMPILED_LAYERS), and the memory model counts what it holds.
 DECODER_LAYER_CLASS = "LlamaDecoderLayer"
+# The vision tower's encoder layer (CLIP ViT-L/14-336), compiled too: frozen, 12.6M parameters each
+VISION_LAYER_CLASS = "CLIPEncoderLayer"
 
-# ZeRO-3 settings under which a decoder layer's forward can be one torch.compile graph: ZeRO-3's fetch and release
+# ZeRO-3 settings under which a layer's forward can be one torch.compile graph: ZeRO-3's fetch and release
 # hooks run only around the whole layer (not inside it, where each would break the graph), and nn.functional.linear
 # stays torch's own instead of ZeRO-3's memory-efficient autograd function.
-COMPILED_LAYERS: dict[str, Any] = {"zero_optimization": {"leaf_module": {"classes": [DECODER_LAYER_CLASS]},
-                                                         "memory_efficient_linear": False}}
+COMPILED_LAYERS: dict[str, Any] = {"zero_optimization": {
+    "leaf_module": {"classes": [DECODER_LAYER_CLASS, VISION_LAYER_CLASS]}, "memory_efficient_linear": False}}
 
 
-def decoder_layers_are_units(zero: dict[str, Any]) -> bool:
-    """Whether a ZeRO config makes each decoder layer one fetch unit: DeepSpeed's ``leaf_module.classes`` naming the
-    layer class, bare or qualified (its other forms, module names and the granularity threshold, are not read)."""
+def layers_are_units(zero: dict[str, Any], layer_class: str = DECODER_LAYER_CLASS) -> bool:
+    """Whether a ZeRO config makes each layer of ``layer_class`` one fetch unit: DeepSpeed's ``leaf_module.classes``
+    naming the class, bare or qualified (its other forms, module names and the granularity threshold, are not
+    read)."""
     classes = (zero.get("leaf_module") or {}).get("classes") or []
-    return any(c.rsplit(".", 1)[-1] == DECODER_LAYER_CLASS for c in classes)
+    return any(c.rsplit(".", 1)[-1] == layer_class for c in classes)
 
 
 def tuned_overrides(zero3_buckets: bool, user: dict[str, Any] | None, compiled_layers: bool = False) -> dict[str, Any]:

@@ -47,17 +47,24 @@ def lm_head_calls(max_tokens: int, chunk: int = CHUNK_TOKENS) -> int:
 
 def selected_cross_entropy(lm_head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
                            chunk: int = CHUNK_TOKENS, calls: int | None = None,
-                           num_items: torch.Tensor | None = None) -> torch.Tensor:
+                           num_items: torch.Tensor | None = None,
+                           target_index: torch.Tensor | None = None) -> torch.Tensor:
     """Mean next-token cross-entropy over positions whose label is a target (same value as HF's loss);
     with ``num_items``, the sum over them divided by that count instead (HF's ``num_items_in_batch``).
 
     ``calls``: run lm_head exactly this many times (some chunks may be empty).  Under ZeRO-3 every
     lm_head call gathers its weight with a collective, so all ranks must make the same number of
     calls whatever their target counts; None: as many ``chunk``-sized calls as the targets need.
+    ``target_index``: those positions in ``hidden[:, :-1]`` flattened, found on the host
+    (``stage.model_inputs``); without it a boolean mask finds them, and the host waits for the device.
     """
     h, y = hidden[:, :-1], labels[:, 1:].to(hidden.device)
-    keep = y != IGNORE_INDEX
-    h, y = h[keep], y[keep]
+    if target_index is None:
+        keep = y != IGNORE_INDEX
+        h, y = h[keep], y[keep]
+    else:
+        h = h.reshape(-1, h.shape[-1]).index_select(0, target_index)
+        y = y.reshape(-1).index_select(0, target_index)
     n = y.numel()
     pieces = calls if calls is not None else max(1, math.ceil(n / chunk))
     # every piece, even an empty one, goes through lm_head: a batch without targets keeps its graph
@@ -90,11 +97,15 @@ class LlavaObjective(torch.nn.Module):
     def config(self) -> Any:
         return self.llava.config
 
-    def input_embeds(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+    def input_embeds(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
+                     image_index: torch.Tensor | None = None) -> torch.Tensor:
         """LlavaModel.forward's first half: token embeddings with the projected image features in place
         of the image tokens.  Done here so that both kinds of micro-batch call the same modules in the
         same order (ZeRO-3 prefetches by the recorded module order): with ``uniform_calls`` an image-less
-        micro-batch runs the vision tower and projector on one blank image, with weight 0 in the loss."""
+        micro-batch runs the vision tower and projector on one blank image, with weight 0 in the loss.
+        ``image_index``: the image tokens' positions in ``input_ids`` flattened, found on the host; the
+        features are then copied in by index (LlavaModel's mask and ``masked_scatter`` make the host wait for
+        the device to find them, in the forward and again in the backward)."""
         model = self.llava.model
         embeds = model.get_input_embeddings()(input_ids)
         if pixel_values is None and not self.uniform_calls:
@@ -102,14 +113,21 @@ class LlavaObjective(torch.nn.Module):
         if pixel_values is None:
             return with_blank_image(self.llava, embeds)
         features = image_features(self.llava, pixel_values).to(embeds.device, embeds.dtype)
-        mask = model.get_placeholder_mask(input_ids, inputs_embeds=embeds, image_features=features)
-        return embeds.masked_scatter(mask, features)
+        if image_index is None:
+            mask = model.get_placeholder_mask(input_ids, inputs_embeds=embeds, image_features=features)
+            return embeds.masked_scatter(mask, features)
+        if image_index.numel() != features.shape[0]:
+            raise ValueError(f"{image_index.numel()} image tokens in the micro-batch but {features.shape[0]} image "
+                             f"features: each image needs {self.config.image_seq_length} '<image>' tokens")
+        return embeds.reshape(-1, embeds.shape[-1]).index_copy(0, image_index, features).reshape(embeds.shape)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, pixel_values: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                num_items: torch.Tensor | None = None, **attention_kwargs: Any) -> torch.Tensor:
-        """The loss: the mean over this micro-batch's targets, or with ``num_items`` their sum divided by it."""
-        out = self.llava.model.language_model(inputs_embeds=self.input_embeds(input_ids, pixel_values),
+                num_items: torch.Tensor | None = None, image_index: torch.Tensor | None = None,
+                target_index: torch.Tensor | None = None, **attention_kwargs: Any) -> torch.Tensor:
+        """The loss: the mean over this micro-batch's targets, or with ``num_items`` their sum divided by it.
+        ``image_index`` and ``target_index``: positions found on the host (``stage.model_inputs``)."""
+        out = self.llava.model.language_model(inputs_embeds=self.input_embeds(input_ids, pixel_values, image_index),
                                               attention_mask=attention_mask, position_ids=position_ids,
                                               use_cache=False, **attention_kwargs)
         if self.loss == "hf":  # transformers' own: logits at every position, upcast to fp32 in its loss
@@ -117,4 +135,5 @@ class LlavaObjective(torch.nn.Module):
             return self.llava.loss_function(logits=logits, labels=labels, num_items_in_batch=num_items,
                                             vocab_size=self.llava.config.text_config.vocab_size)
         return selected_cross_entropy(self.llava.lm_head, out.last_hidden_state, labels,
-                                      calls=self.lm_head_calls if self.uniform_calls else None, num_items=num_items)
+                                      calls=self.lm_head_calls if self.uniform_calls else None, num_items=num_items,
+                                      target_index=target_index)
