@@ -21,7 +21,7 @@ LEVERS = {
     "selective-recompute": "replay every decoder layer instead of only as many as memory needs",
     "target-loss": "transformers' loss (fp32 logits at every position) instead of the target-only chunked loss",
     "fused-kernels": "transformers' own norm/MLP/rotary modules instead of the backend's fused or compiled kernels",
-    "compiled-layers": "eager decoder layers (the backend's next kernel set) instead of torch.compile'd ones",
+    "compiled-layers": "eager decoder and vision layers (the backend's next kernel set) instead of torch.compile'd ones",
     "loader-workers": "load and collate batches in the training process",
     "zero3-buckets": "LLaVA's ZeRO-3 bucket sizes (hidden², HF's auto) instead of 5e8-element prefetch and reduce buckets",
 }
@@ -325,7 +325,7 @@ def _choose_zero3_buckets(plan: RunPlan, calibration: float) -> None:
 def _resolve_kernels(plan: RunPlan, backend: Any) -> None:
     offered = [k for k in backend.kernels().sets if all(p in backend.machine.packages for p in k.packages)]
     if "compiled-layers" in plan.without and any(k.compiled for k in offered):
-        plan.notes.append(f"compiled decoder layers ({', '.join(k.name for k in offered if k.compiled)}) available "
+        plan.notes.append(f"compiled layers ({', '.join(k.name for k in offered if k.compiled)}) available "
                           f"but off (--without compiled-layers)")
         offered = [k for k in offered if not k.compiled]
     if not offered:
