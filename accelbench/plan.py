@@ -341,10 +341,10 @@ def _check_compiled_layer_config(plan: RunPlan) -> None:
     """A --ds-config merged over the settings compiled layers need under ZeRO-3 can undo them: say so."""
     if plan.zero_stage != 3 or plan.kernels != COMPILED_KERNELS or not plan.ds_overrides:
         return
-    from .train.ds_config import DECODER_LAYER_CLASS, VISION_LAYER_CLASS, layers_are_units
+    from .train.ds_config import COMPILED_LAYERS, layers_are_units
 
     zero = plan.deepspeed_overrides().get("zero_optimization", {})
-    units = all(layers_are_units(zero, c) for c in (DECODER_LAYER_CLASS, VISION_LAYER_CLASS))
+    units = all(layers_are_units(zero, c) for c in COMPILED_LAYERS["zero_optimization"]["leaf_module"]["classes"])
     if zero.get("memory_efficient_linear", True) or not units:
         plan.notes.append("--ds-config sets zero_optimization.leaf_module or memory_efficient_linear against what "
                           "compiled layers need: ZeRO-3's hooks or its linear then break the compiled graph "

@@ -62,8 +62,9 @@ def _child(kernels: str, out: str) -> None:
 
     steps = []
     for n, lengths in enumerate(LENGTHS):
-        batch = collate_packed([sample(n, length + 3 * rank) for length in lengths], pad_token_id=0)
-        loss = engine(**model_inputs(batch, torch.device("cpu"), torch.float32, IMAGE_TOKEN))
+        batch = collate_packed([sample(n, length + 3 * rank) for length in lengths], pad_token_id=0,
+                               image_token_id=IMAGE_TOKEN)
+        loss = engine(**model_inputs(batch, torch.device("cpu"), torch.float32))
         engine.backward(loss)
         engine.step()
         steps.append([loss.item(), float(engine.get_global_grad_norm())])

@@ -86,10 +86,11 @@ def test_objective_equals_transformers_loss_on_padded_batch(model, samples):
 def test_positions_found_on_the_host_give_the_masked_loss_and_gradients(model, samples, packed):
     from accelbench.train.stage import model_inputs
 
-    batch = (collate_packed if packed else collate)(samples, pad_token_id=0)
+    collator = collate_packed if packed else collate
     objective = LlavaObjective(model)
-    masked = model_inputs(batch, torch.device("cpu"), torch.float32)
-    indexed = model_inputs(batch, torch.device("cpu"), torch.float32, image_token_id=IMAGE)
+    masked = model_inputs(collator(samples, pad_token_id=0), torch.device("cpu"), torch.float32)
+    batch = collator(samples, pad_token_id=0, image_token_id=IMAGE)
+    indexed = model_inputs(batch, torch.device("cpu"), torch.float32)
     assert "image_index" not in masked
     assert indexed["image_index"].numel() == 3 * PRESETS["tiny"].vision.image_tokens  # three samples have an image
     assert indexed["target_index"].numel() == int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())

@@ -423,8 +423,21 @@ class LlavaDataset(Dataset):
 # --------------------------------------------------------------------------- batching
 
 
-def collate(samples: Sequence[dict[str, Any]], pad_token_id: int) -> dict[str, Any]:
-    """Right-pad a list of dataset samples into a batch; also count real vs padded tokens."""
+def host_positions(input_ids: torch.Tensor, labels: torch.Tensor, image_token_id: int) -> dict[str, torch.Tensor]:
+    """Where a batch's image tokens and targets sit, as indices into its flattened [B*T] positions, found on the
+    host: the objective then places image features and picks target positions by index, where boolean masks on
+    the device would make the host wait for the device to finish everything queued (``nonzero``), once in the
+    forward and once in the backward of every micro-batch. ``target_index``: the positions whose next label (in
+    the same row) is a target, i.e. whose logits the loss needs; that label sits at ``target_index + 1``."""
+    following = torch.full_like(labels, IGNORE_INDEX)
+    following[..., :-1] = labels[..., 1:]
+    return {"image_index": (input_ids.reshape(-1) == image_token_id).nonzero().squeeze(1),
+            "target_index": (following.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)}
+
+
+def collate(samples: Sequence[dict[str, Any]], pad_token_id: int, image_token_id: int | None = None) -> dict[str, Any]:
+    """Right-pad a list of dataset samples into a batch; also count real vs padded tokens. With
+    ``image_token_id``, also the batch's ``host_positions``."""
     if not samples:
         raise ValueError("collate needs at least one sample")
     seq_lens = [int(s["input_ids"].numel()) for s in samples]
@@ -442,6 +455,7 @@ def collate(samples: Sequence[dict[str, Any]], pad_token_id: int) -> dict[str, A
         "pixel_values": torch.stack(images) if images else None,
         "ids": [s["id"] for s in samples], "seq_lens": seq_lens,
         "real_tokens": sum(seq_lens), "padded_tokens": len(samples) * width,
+        **(host_positions(input_ids, labels, image_token_id) if image_token_id is not None else {}),
     }
 
 

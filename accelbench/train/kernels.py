@@ -34,7 +34,8 @@ def compile_layers(model: Any, name: str) -> int:
     is a fetch unit) stay outside the graph. transformers' activation checkpointing is part of the decoder layer's
     forward, so it is traced into the graph, which then has a replayed and a kept variant. One compiled function
     serves every layer of a kind, with dynamic shapes, because a packed micro-batch has a different token count
-    every step, and a different number of images. The vision tower is frozen and small (a few ms of kernels a
+    every step, and a different number of images (one image, or a text-only micro-batch's blank one, compiles once
+    more: torch.compile treats a size of 1 apart). The vision tower is frozen and small (a few ms of kernels a
     step), but eager, under ZeRO-3, its host work (a fetch and a release around each of its ~200 modules) kept the
     device idle for longer than its kernels run.
     """

@@ -55,16 +55,17 @@ def selected_cross_entropy(lm_head: torch.nn.Module, hidden: torch.Tensor, label
     ``calls``: run lm_head exactly this many times (some chunks may be empty).  Under ZeRO-3 every
     lm_head call gathers its weight with a collective, so all ranks must make the same number of
     calls whatever their target counts; None: as many ``chunk``-sized calls as the targets need.
-    ``target_index``: those positions in ``hidden[:, :-1]`` flattened, found on the host
-    (``stage.model_inputs``); without it a boolean mask finds them, and the host waits for the device.
+    ``target_index``: those positions in ``hidden`` flattened over [B*T], found on the host
+    (``data.host_positions``); without it a boolean mask finds them, and the host waits for the device.
     """
-    h, y = hidden[:, :-1], labels[:, 1:].to(hidden.device)
+    labels = labels.to(hidden.device)
     if target_index is None:
+        h, y = hidden[:, :-1], labels[:, 1:]
         keep = y != IGNORE_INDEX
         h, y = h[keep], y[keep]
-    else:
-        h = h.reshape(-1, h.shape[-1]).index_select(0, target_index)
-        y = y.reshape(-1).index_select(0, target_index)
+    else:  # flat views, no copy of the hidden states: each target's label is the next position's
+        h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, target_index)
+        y = labels.reshape(-1).index_select(0, target_index + 1)
     n = y.numel()
     pieces = calls if calls is not None else max(1, math.ceil(n / chunk))
     # every piece, even an empty one, goes through lm_head: a batch without targets keeps its graph
@@ -126,7 +127,7 @@ class LlavaObjective(torch.nn.Module):
                 num_items: torch.Tensor | None = None, image_index: torch.Tensor | None = None,
                 target_index: torch.Tensor | None = None, **attention_kwargs: Any) -> torch.Tensor:
         """The loss: the mean over this micro-batch's targets, or with ``num_items`` their sum divided by it.
-        ``image_index`` and ``target_index``: positions found on the host (``stage.model_inputs``)."""
+        ``image_index`` and ``target_index``: positions found on the host (``data.host_positions``)."""
         out = self.llava.model.language_model(inputs_embeds=self.input_embeds(input_ids, pixel_values, image_index),
                                               attention_mask=attention_mask, position_ids=position_ids,
                                               use_cache=False, **attention_kwargs)

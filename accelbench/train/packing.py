@@ -10,10 +10,11 @@ from typing import Any, Sequence
 
 import torch
 
-from .data import IGNORE_INDEX
+from .data import IGNORE_INDEX, host_positions
 
 
-def collate_packed(samples: Sequence[dict[str, Any]], pad_token_id: int) -> dict[str, Any]:
+def collate_packed(samples: Sequence[dict[str, Any]], pad_token_id: int,
+                   image_token_id: int | None = None) -> dict[str, Any]:
     """Like ``data.collate`` but one packed row: input_ids/labels/position_ids are [1, sum(lengths)]."""
     if not samples:
         raise ValueError("collate_packed needs at least one sample")
@@ -26,10 +27,11 @@ def collate_packed(samples: Sequence[dict[str, Any]], pad_token_id: int) -> dict
     cu = torch.tensor([0] + seq_lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
     images = [s["pixel_values"] for s in samples if s.get("pixel_values") is not None]
     total = sum(seq_lens)
+    labels = labels.unsqueeze(0)
     return {
-        "input_ids": input_ids, "labels": labels.unsqueeze(0), "position_ids": position_ids,
+        "input_ids": input_ids, "labels": labels, "position_ids": position_ids,
         "attention_mask": None, "pixel_values": torch.stack(images) if images else None,
         "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": max(seq_lens), "max_length_k": max(seq_lens),
         "ids": [s["id"] for s in samples], "seq_lens": seq_lens, "real_tokens": total, "padded_tokens": total,
-        "label_tokens": int((labels[1:] != IGNORE_INDEX).sum()) if total > 1 else 0,
+        **(host_positions(input_ids, labels, image_token_id) if image_token_id is not None else {}),
     }

@@ -146,7 +146,8 @@ class StageRunner:
         from .data import collate
         from .packing import collate_packed
 
-        fn = partial(collate_packed if self.plan.get("packed") else collate, pad_token_id=self.pad_token_id)
+        fn = partial(collate_packed if self.plan.get("packed") else collate, pad_token_id=self.pad_token_id,
+                     image_token_id=self.image_token_id)
         workers = self.cfg.loader_workers
         if workers is None:  # CPU ranks already use every core for compute
             workers = 0 if self.device.type == "cpu" else min(4, max(1, (os.cpu_count() or 1) // self.world_size))
@@ -241,7 +242,7 @@ class StageRunner:
                 for micro, batch in enumerate(step_batches):
                     faults.before_micro_step(self.stage, n, rank=self.rank, micro_batch=mbs, backend=self.backend.name)
                     with record_function("accelbench/data"):
-                        inputs = model_inputs(batch, self.device, model.dtype, self.image_token_id)
+                        inputs = model_inputs(batch, self.device, model.dtype)
                     with record_function("accelbench/forward"):
                         loss = faults.poison_loss(engine(**inputs, num_items=scale), self.stage, n)
                     with record_function("accelbench/backward"):
@@ -406,21 +407,14 @@ class StageRunner:
 ATTENTION_KWARGS = ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
-def model_inputs(batch: dict[str, Any], device: torch.device, dtype: torch.dtype,
-                 image_token_id: int | None = None) -> dict[str, Any]:
-    """The tensors the objective takes, on the device (packed batches add positions and cu_seq_lens).
-
-    With ``image_token_id``, also where the image tokens and the targets sit in the flattened batch, found here on
-    the host copy: the objective then places image features and picks target positions by index, where a boolean
-    mask on the device would make the host wait for the device to drain (``nonzero``), once in the forward and
-    once in the backward of every micro-batch."""
+def model_inputs(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """The tensors the objective takes, on the device (packed batches add positions and cu_seq_lens; batches
+    collated with the image token add the positions found on the host, ``data.host_positions``)."""
     inputs: dict[str, Any] = {"input_ids": batch["input_ids"].to(device, non_blocking=True),
                               "labels": batch["labels"].to(device, non_blocking=True)}
-    if image_token_id is not None:
-        image_index = (batch["input_ids"].flatten() == image_token_id).nonzero().squeeze(1)
-        target_index = (batch["labels"][:, 1:].flatten() != IGNORE_INDEX).nonzero().squeeze(1)
-        inputs["image_index"] = image_index.to(device, non_blocking=True)
-        inputs["target_index"] = target_index.to(device, non_blocking=True)
+    for key in ("image_index", "target_index"):
+        if key in batch:
+            inputs[key] = batch[key].to(device, non_blocking=True)
     if batch.get("attention_mask") is not None:
         inputs["attention_mask"] = batch["attention_mask"].to(device, non_blocking=True)
     if batch["pixel_values"] is not None:

@@ -66,7 +66,6 @@ def main() -> None:
                    help="packed tokens per micro-batch (13B finetune: about 12.3k a step on average, 21k at most)")
     p.add_argument("--iters", type=int, default=20)
     a = p.parse_args()
-    torch.backends.cuda.matmul.allow_tf32 = False  # bf16 inputs; stated so the run does not depend on a default
     for case in a.case:
         for tokens in a.tokens:
             print(json.dumps(measure(case, tokens, a.iters)), flush=True)

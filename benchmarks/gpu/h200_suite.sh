@@ -6,6 +6,7 @@
 #         fixed-CASE-STAGE (every sample 1024 tokens, 576 of them image tokens)
 # ABLATE=lever,lever adds one accelbench run per lever without it (peer-/fixed- phases); NO_PEER=1 skips the
 # peer; STEPS (default 10); MBS (peer-/fixed- phases: micro-batch per GPU, default the stage's LLaVA value);
+# REPEATS (peer-/fixed- phases: runs of each path, interleaved; default 1);
 # PROF_STEPS (prof- phases, default 5: steps 3-4 profiled, the later ones not);
 # PHASE_TIMEOUT and PATH_TIMEOUT (seconds per phase and per path); TAG names the outputs of prof-, peer- and
 # fixed- phases that differ by their environment (e.g. TAG=nccl8 NCCL_MAX_NCHANNELS=8 ...), so that two suite runs
@@ -74,7 +75,7 @@ for arg in "$@"; do
       fixed=(); [ "$kind" = fixed ] && fixed=(--fixed-len 1024)
       timeout "${PHASE_TIMEOUT:-400}" python3 benchmarks/gpu/compare_peer.py --case "llava1.5-$size" --stage "$stage" \
         --path-timeout "${PATH_TIMEOUT:-$(( ${PHASE_TIMEOUT:-400} / 2 - 10 ))}" \
-        --steps "$STEPS" --nproc "$NPROC" ${MBS:+--mbs "$MBS"} "${fixed[@]}" "${tuned[@]}" --out "/tmp/$label" --json "$OUT/$label.json" \
+        --steps "$STEPS" --nproc "$NPROC" ${MBS:+--mbs "$MBS"} ${REPEATS:+--repeats "$REPEATS"} "${fixed[@]}" "${tuned[@]}" --out "/tmp/$label" --json "$OUT/$label.json" \
         ${WITHOUT:+--without $WITHOUT} ${ABLATE:+--ablate $ABLATE} ${NO_PEER:+--no-peer} 2>&1 | grep -v INFO | tail -24
       for e in /tmp/"$label"/*/run/events.jsonl; do  # per-step times of every path
         [ -f "$e" ] && cp "$e" "$OUT/$label.$(basename "$(dirname "$(dirname "$e")")").events.jsonl"

@@ -36,6 +36,7 @@ def main() -> None:
     from accelbench.backends import load_registry
     from accelbench.cases import get_preset
     from accelbench.memory import MemoryPlanInput, estimate_memory
+    from accelbench.train.data import host_positions
     from accelbench.plan import STAGE_DEFAULTS
     from accelbench.train.ds_config import deepspeed_config
     from accelbench.train.model import build_model, enable_checkpointing, freeze_for_stage
@@ -88,9 +89,11 @@ def main() -> None:
             if args.padded:
                 loss = engine(input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device),
                               labels=labels.to(device), pixel_values=pix).loss
-            else:  # one packed row of mbs samples, as the trainer feeds it
+            else:  # one packed row of mbs samples, as the trainer feeds it (with the positions found on the host)
                 cu = torch.arange(0, (mbs + 1) * args.seq, args.seq, dtype=torch.int32, device=device)
-                loss = engine(input_ids=ids.reshape(1, -1).to(device), labels=labels.reshape(1, -1).to(device),
+                ids, labels = ids.reshape(1, -1), labels.reshape(1, -1)
+                found = {k: v.to(device) for k, v in host_positions(ids, labels, image_token).items()}
+                loss = engine(input_ids=ids.to(device), labels=labels.to(device), **found,
                               pixel_values=pix, position_ids=torch.arange(args.seq).repeat(mbs)[None].to(device),
                               cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=args.seq, max_length_k=args.seq)
             engine.backward(loss)
