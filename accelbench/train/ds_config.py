@@ -91,7 +91,7 @@ def layers_are_units(zero: dict[str, Any], layer_class: str = DECODER_LAYER_CLAS
 
 def tuned_overrides(zero3_buckets: bool, user: dict[str, Any] | None, compiled_layers: bool = False) -> dict[str, Any]:
     """What is merged over LLaVA's DeepSpeed config: the tuned ZeRO-3 buckets where chosen, the settings compiled
-    decoder layers need under ZeRO-3, then the user's --ds-config. The plan and the HF Trainer peer both build
+    layers need under ZeRO-3, then the user's --ds-config. The plan and the HF Trainer peer both build
     theirs here, so their configs differ only by what the compiled layers need."""
     out = deep_merge(ZERO3_BUCKETS if zero3_buckets else {}, COMPILED_LAYERS if compiled_layers else {})
     return deep_merge(out, user or {})

@@ -115,8 +115,11 @@ def summarize(records: list[StepRecord], *, world_size: int, stage_wall_s: float
     warm = warmup_steps(len(records))
     # a step in which torch.compile made a graph (a new shape) pays a one-off cost: not steady, like warm-up,
     # unless every step after warm-up compiled (then they are all that there is to measure)
-    steady = [r for r in records[warm:] if not r.compiled] or records[warm:] or records
-    compiling = [r for r in records[warm:] if r.compiled and r not in steady]
+    after_warmup = records[warm:]
+    steady = [r for r in after_warmup if not r.compiled]
+    compile_excluded = len(after_warmup) - len(steady)
+    if not steady:
+        steady, compile_excluded = after_warmup or records, 0
     t = sum(r.time_s for r in steady)
     tps = sum(r.real_tokens for r in steady) / t / world_size
     model_fps = sum(r.model_flops for r in steady) / t / world_size
@@ -125,7 +128,7 @@ def summarize(records: list[StepRecord], *, world_size: int, stage_wall_s: float
     losses = [r.loss for r in records]
     peak_alloc = max(r.mem_allocated for r in records)
     out: dict[str, Any] = {
-        "steps": len(records), "warmup_steps_excluded": warm, "compile_steps_excluded": len(compiling),
+        "steps": len(records), "warmup_steps_excluded": warm, "compile_steps_excluded": compile_excluded,
         "steady_steps": len(steady),
         "step_time_s_median": sorted(r.time_s for r in steady)[len(steady) // 2],
         "tokens_per_s_per_proc": tps, "tokens_per_s_per_proc_e2e": e2e,

@@ -17,8 +17,6 @@ from .config import RunConfig
 from .objective import LlavaObjective, lm_head_calls
 from .metrics import EventLog, StepRecord, read_step_records, rss_bytes, summarize, warmup_steps
 
-IGNORE_INDEX = -100
-
 
 def cosine_with_warmup(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float = 0.03) -> Any:
     """LLaVA's schedule, exactly as the HF Trainer builds it: linear warm-up from 0 over
@@ -66,7 +64,7 @@ class StageRunner:
         dev_type = self.info.torch_device_type
         self.device = torch.device(dev_type, local_rank) if dev_type != "cpu" else torch.device("cpu")
         self.stage_dir = Path(cfg.run_dir) / stage
-        self.compiled_layers = 0  # decoder layers compiled by torch.compile (kernel set "inductor")
+        self.compiled_layers = 0  # decoder and vision layers compiled by torch.compile (kernel set "inductor")
         if rank == 0:
             self.stage_dir.mkdir(parents=True, exist_ok=True)
 
@@ -235,7 +233,8 @@ class StageRunner:
             try:
                 with record_function("accelbench/data"):  # phases named for --profile summaries
                     step_batches = [next(batches) for _ in range(gas)]
-                    targets = [target_tokens(b["labels"]) for b in step_batches]
+                    # positions whose logits the objective computes, found by the collator (data.host_positions)
+                    targets = [b["target_index"].numel() for b in step_batches]
                     # the step's loss is the mean over every target token of every rank and micro-batch (as
                     # the HF Trainer's average_tokens_across_devices), not a mean of per-rank means
                     scale = step_token_scale(sum(targets), self.device, self.world_size * gas)
@@ -424,11 +423,6 @@ def model_inputs(batch: dict[str, Any], device: torch.device, dtype: torch.dtype
             value = batch[key]
             inputs[key] = value.to(device, non_blocking=True) if torch.is_tensor(value) else value
     return inputs
-
-
-def target_tokens(labels: torch.Tensor) -> int:
-    """Positions whose logits the objective computes: those predicting a target token."""
-    return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
 class TrainingFault(RuntimeError):
