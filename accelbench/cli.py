@@ -104,7 +104,9 @@ def render_plan(plan: Any) -> str:
         f"  gradient checkpointing {'on' if plan.grad_ckpt else 'off'}: {plan.recompute_layers} of "
         f"{plan.preset.llm.layers} decoder layers replayed"
         + (f" (at {plan.micro_batch_tokens} tokens per micro-batch)" if plan.micro_batch_tokens else
-           f" (sized for {plan.micro_batch} x {plan.seq_len} tokens per micro-batch; a run sizes it from the data)"),
+           f" (sized for {plan.micro_batch} x {plan.seq_len} tokens per micro-batch; a run sizes it from the data)")
+        + (f"; smaller micro-batches replay fewer, {plan.recompute_table[0][1]} up to "
+           f"{plan.recompute_table[0][0]} tokens" if len(plan.recompute_table) > 1 else ""),
         f"  ZeRO stage {plan.zero_stage}; lr {plan.lr:g}",
         f"  micro-batch (LBS) {plan.micro_batch} (requested {plan.micro_batch_requested}); GAS {plan.grad_accum}; "
         f"GBS {plan.global_batch}; MPE {plan.seq_len}",

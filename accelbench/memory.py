@@ -448,3 +448,43 @@ def fit_recompute(inp: MemoryPlanInput, usable_bytes: int) -> tuple[int, MemoryE
         if est.total <= usable_bytes:
             return k, est
     return layers, estimate_memory(replace(inp, grad_ckpt=True, recompute_layers=layers))
+
+
+def recompute_table(inp: MemoryPlanInput, usable_bytes: int) -> list[tuple[int, int]]:
+    """Replayed decoder layers by micro-batch size: ``[(max_tokens, k), ...]``, ``max_tokens`` ascending.
+
+    Each row says: a micro-batch of at most ``max_tokens`` tokens fits with ``k`` layers replayed, and
+    ``k`` is the fewest that does for every size above the previous row's.  Packed micro-batches vary
+    in size (a 16-sample one holds 11-21k tokens on LLaVA-like data), and one at the data's bound
+    (``inp.micro_batch_tokens``, the last row) needs more replays than a typical one.  Sizes for which
+    even every layer replayed does not fit get no row; the caller replays every layer there.
+    """
+    bound = inp.micro_batch_tokens
+    layers = inp.preset.llm.layers
+
+    def fits(k: int, tokens: int) -> bool:
+        return estimate_memory(replace(inp, grad_ckpt=True, recompute_layers=k, tokens=tokens)).total <= usable_bytes
+
+    rows: list[tuple[int, int]] = []
+    covered = 0  # micro-batches up to this many tokens already have a row
+    for k in range(layers + 1):
+        if not fits(k, covered + 1):
+            continue
+        lo, hi = covered + 1, bound  # the largest size k covers: estimates grow with tokens
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if fits(k, mid) else (lo, mid - 1)
+        rows.append((lo, k))
+        covered = lo
+        if covered >= bound:
+            break
+    return rows
+
+
+def replays_for(table: list[tuple[int, int]] | list[list[int]], tokens: int, layers: int) -> int:
+    """Layers to replay for a micro-batch of ``tokens`` tokens under ``recompute_table``'s rows; every
+    layer past the last row (a micro-batch larger than the data's bound cannot happen, but is safe)."""
+    for max_tokens, k in table:
+        if tokens <= max_tokens:
+            return int(k)
+    return layers

@@ -19,6 +19,8 @@ OVER_MEMORY = "the estimate "  # the start of the plan note that warns of an est
 LEVERS = {
     "packing": "pad micro-batches instead of packing them for varlen attention",
     "selective-recompute": "replay every decoder layer instead of only as many as memory needs",
+    "batch-recompute": "replay in every micro-batch as many layers as the data's longest one needs, instead of as "
+                       "many as each one needs",
     "target-loss": "transformers' loss (fp32 logits at every position) instead of the target-only chunked loss",
     "fused-kernels": "transformers' own norm/MLP/rotary modules instead of the backend's fused or compiled kernels",
     "compiled-layers": "eager decoder and vision layers (the backend's next kernel set) instead of torch.compile'd ones",
@@ -67,7 +69,10 @@ class RunPlan:
     kernels: str = "hf"  # "hf" (transformers' modules) or a fused kernel set the backend offers ("liger")
     loss: str = "objective"  # "objective" (target positions only, chunked) or "hf" (transformers' own)
     recompute: int | str = "auto"  # decoder layers to replay: "auto" (memory model), "all" or a number
-    recompute_layers: int = 0  # resolved: how many decoder layers are checkpointed
+    recompute_layers: int = 0  # resolved: how many decoder layers are checkpointed (at the longest micro-batch)
+    # "auto" (lever "batch-recompute"): [max_tokens, replayed layers] rows, so that each micro-batch replays only
+    # what its own size needs (memory.recompute_table); empty: every micro-batch replays recompute_layers
+    recompute_table: list[list[int]] = field(default_factory=list)
     # Tokens in the largest micro-batch the memory estimate assumes: LBS × MPE until the data is known
     micro_batch_tokens: int | None = None
     without: tuple[str, ...] = ()  # levers turned off (LEVERS)
@@ -125,7 +130,8 @@ class RunPlan:
             "zero_stage": self.zero_stage, "lr": self.lr, "dtype": self.dtype, "tf32": self.tf32,
             "attn_implementation": self.attn_implementation, "gradient_checkpointing": self.grad_ckpt,
             "packed": self.packed, "kernels": self.kernels, "loss": self.loss, "recompute": self.recompute,
-            "recompute_layers": self.recompute_layers, "micro_batch_tokens": self.micro_batch_tokens,
+            "recompute_layers": self.recompute_layers, "recompute_table": [list(r) for r in self.recompute_table],
+            "micro_batch_tokens": self.micro_batch_tokens,
             "without": list(self.without), "zero3_buckets": self.zero3_buckets,
             "ds_overrides": self.deepspeed_overrides(),
             "env": dict(self.env), "adjustments": [a.to_dict() for a in self.adjustments],
@@ -263,17 +269,20 @@ def fit_recompute(plan: RunPlan, backend: Any, micro_batch_tokens: int | None = 
     """Resolve how many decoder layers replay their forward, then the plan's memory estimate.
 
     ``auto``: the fewest whose estimate, at the plan's largest micro-batch, fits the usable memory
-    (lever 2: recompute only what memory needs).  Without data the micro-batch is assumed full
+    (lever 2: recompute only what memory needs), and the table by which a smaller micro-batch replays fewer
+    (lever "batch-recompute").  Without data the micro-batch is assumed full
     (LBS × MPE tokens); ``accelbench run`` calls this again with the data's bound once it is known.
     """
-    from .memory import fit_recompute as fit
+    from .memory import fit_recompute as fit, recompute_table
 
     if micro_batch_tokens is not None:
         plan.micro_batch_tokens = micro_batch_tokens
     layers = plan.preset.llm.layers
     calibration = backend.memory_calibration()
-    plan.notes = [n for n in plan.notes if not n.startswith((OVER_MEMORY, BUCKETS_NOTE))]  # a re-fit judges afresh
+    # a re-fit judges afresh
+    plan.notes = [n for n in plan.notes if not n.startswith((OVER_MEMORY, BUCKETS_NOTE, FIXED_REPLAYS_NOTE))]
     _choose_zero3_buckets(plan, calibration)
+    plan.recompute_table = []
     if not plan.grad_ckpt:
         plan.recompute_layers = 0
     elif plan.recompute == "all":
@@ -282,15 +291,25 @@ def fit_recompute(plan: RunPlan, backend: Any, micro_batch_tokens: int | None = 
         plan.recompute_layers = plan.recompute
     else:
         plan.recompute_layers = layers  # the estimate to start from
-        k, _ = fit(memory_input(plan), int((plan.usable_memory or 0) / calibration))
+        usable = int((plan.usable_memory or 0) / calibration)
+        k, _ = fit(memory_input(plan), usable)
         plan.recompute_layers = k
         tokens = (f"{plan.micro_batch_tokens} tokens, the data's longest micro-batch" if plan.micro_batch_tokens
                   else f"{plan.micro_batch * plan.seq_len} tokens (LBS x MPE)")
-        # a re-fit (the data's bound) replaces the earlier record
-        plan.adjustments = [a for a in plan.adjustments if a.what != "recompute_layers"]
+        # a re-fit (the data's bound) replaces the earlier records
+        plan.adjustments = [a for a in plan.adjustments if a.what not in ("recompute_layers", "recompute_table")]
         if k != layers:
             plan.adjustments.append(Adjustment("recompute_layers", layers, k, f"the fewest replayed decoder layers "
                                                f"whose estimate fits the usable memory at {tokens}", "planner"))
+        if k and "batch-recompute" not in plan.without and _replays_may_vary(plan):
+            plan.recompute_table = [list(r) for r in recompute_table(memory_input(plan), usable)]
+            if plan.recompute_table:
+                (small, fewest), (large, most) = plan.recompute_table[0], plan.recompute_table[-1]
+                plan.adjustments.append(Adjustment(
+                    "recompute_table", k, f"{fewest}-{most} by micro-batch size",
+                    f"each micro-batch replays the fewest layers whose estimate fits at its own size: {fewest} up "
+                    f"to {small} tokens, {most} at {large} (--without batch-recompute: {k} in every one)",
+                    "planner"))
     plan.memory = estimate(plan).to_dict()
     plan.memory["calibration"] = calibration
     plan.memory["calibrated_total"] = plan.memory["total"] * calibration
@@ -301,6 +320,21 @@ def fit_recompute(plan: RunPlan, backend: Any, micro_batch_tokens: int | None = 
 
 
 BUCKETS_NOTE = "ZeRO-3 buckets stay LLaVA's"
+FIXED_REPLAYS_NOTE = "every micro-batch replays as many layers as the longest"
+
+
+def _replays_may_vary(plan: RunPlan) -> bool:
+    """Lever "batch-recompute" needs the replay invisible to ZeRO-3: under ZeRO-3 a replayed eager layer fetches its
+    sub-modules' parameters once more, so a replay count that changes between micro-batches would change the
+    fetch order that ZeRO-3's prefetch records in the first step and replays after it. A decoder layer that is one
+    fetch unit (compiled layers) is fetched once either way; ZeRO-2 fetches nothing."""
+    from .train.ds_config import layers_are_units
+
+    if plan.zero_stage != 3 or layers_are_units(plan.deepspeed_overrides().get("zero_optimization", {})):
+        return True
+    plan.notes.append(f"{FIXED_REPLAYS_NOTE}: under ZeRO-3, eager decoder layers that are not fetch units would "
+                      f"change ZeRO-3's fetch order with the replay count")
+    return False
 
 
 def _choose_zero3_buckets(plan: RunPlan, calibration: float) -> None:

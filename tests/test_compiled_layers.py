@@ -1,6 +1,7 @@
 """Compiled decoder layers (kernel set "inductor") train the same model as eager ones: under ZeRO-3 with each
-decoder layer as a fetch unit (ds_config.COMPILED_LAYERS), over two gloo ranks, on packed micro-batches with the
-first layer replayed, the per-step losses and gradient norms equal the eager run's in fp32.
+decoder layer as a fetch unit (ds_config.COMPILED_LAYERS), over two gloo ranks, on packed micro-batches whose
+replayed layers change from step to step (lever "batch-recompute", chosen as the trainer does by the larger
+rank's micro-batch), the per-step losses and gradient norms equal the eager run's in fp32.
 
 Each run is a child process (torch.distributed.run) so DeepSpeed's and dynamo's globals never leak into pytest.
 """
@@ -13,6 +14,9 @@ import pytest
 
 STEPS, IMAGE_TOKEN = 3, 1000
 LENGTHS = ((30, 22), (41, 17), (25, 36))  # two samples per rank and step: the CPU varlen path loops over them
+# rank r's samples are 3·r tokens longer, and even steps carry the tiny model's 32 image tokens: the micro-batches
+# hold 84/90, 58/64 and 93/99 tokens (rank 0/1), so this table replays 1, 0 and 2 layers (rank 0 alone: 0, 0, 2)
+TABLE = [[84, 0], [90, 1], [1000, 2]]
 
 
 def _child(kernels: str, out: str) -> None:
@@ -29,9 +33,12 @@ def _child(kernels: str, out: str) -> None:
     from accelbench.train.ds_config import deepspeed_config, tuned_overrides
     from accelbench.train.kernels import compile_counters, compile_layers
     from accelbench.train.model import build_model, enable_checkpointing, freeze_for_stage
+    from types import SimpleNamespace
+
+    from accelbench.train.model import replay_first_layers
     from accelbench.train.objective import LlavaObjective
     from accelbench.train.packing import collate_packed
-    from accelbench.train.stage import model_inputs
+    from accelbench.train.stage import StageRunner, model_inputs
     from accelbench.train.varlen_attention import register
 
     preset = get_preset("tiny")
@@ -41,7 +48,7 @@ def _child(kernels: str, out: str) -> None:
     model = build_model(preset, image_token_id=IMAGE_TOKEN, pad_token_id=0, dtype="fp32", attn_implementation=register(),
                         device=torch.device("cpu"), zero3_config=config)
     trainable = freeze_for_stage(model, "finetune")
-    enable_checkpointing(model, 1)
+    enable_checkpointing(model, 2)
     compiled = compile_layers(model, kernels)
     optimizer = torch.optim.AdamW(trainable, lr=3e-3)
     engine, _, _, _ = deepspeed.initialize(model=LlavaObjective(model, uniform_calls=True, lm_head_calls=1),
@@ -60,17 +67,22 @@ def _child(kernels: str, out: str) -> None:
                 "labels": torch.cat([labels[:1], torch.full_like(image, -100), labels[1:]]),
                 "pixel_values": torch.randn(3, size, size, generator=g)}
 
-    steps = []
+    # what StageRunner._replays reads
+    stage = SimpleNamespace(plan={"gradient_checkpointing": True, "recompute_layers": 2, "recompute_table": TABLE},
+                            world_size=2, device=torch.device("cpu"), preset=preset)
+    steps, replays = [], []
     for n, lengths in enumerate(LENGTHS):
         batch = collate_packed([sample(n, length + 3 * rank) for length in lengths], pad_token_id=0,
                                image_token_id=IMAGE_TOKEN)
+        (k,) = StageRunner._replays(stage, [batch])
+        replay_first_layers(model, k)
+        replays.append([batch["padded_tokens"], k])
         loss = engine(**model_inputs(batch, torch.device("cpu"), torch.float32))
         engine.backward(loss)
         engine.step()
         steps.append([loss.item(), float(engine.get_global_grad_norm())])
-    if rank == 0:
-        with open(out, "w", encoding="utf-8") as f:
-            json.dump({"steps": steps, "compiled": compiled, "counters": compile_counters()}, f)
+    with open(f"{out}.{rank}", "w", encoding="utf-8") as f:
+        json.dump({"steps": steps, "replays": replays, "compiled": compiled, "counters": compile_counters()}, f)
 
 
 def _run(kernels: str, tmp_path) -> dict:
@@ -82,7 +94,8 @@ def _run(kernels: str, tmp_path) -> dict:
            str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(out.read_text())
+    ranks = [json.loads((tmp_path / f"{kernels}.json.{rank}").read_text()) for rank in (0, 1)]
+    return {**ranks[0], "replays": [r["replays"] for r in ranks]}
 
 
 def _record(step: int, time_s: float, compiled: bool = False):
@@ -123,6 +136,14 @@ def test_compiled_layers_train_like_eager_under_zero3(tmp_path):
     # variant and the vision layer's at least (CPU attention adds graph breaks)
     assert compiled["compiled"] == 2 + 3 and compiled["counters"]["graphs"] >= 3
     assert len({round(loss, 4) for loss, _ in eager["steps"]}) > 1  # it trains: the comparison is not vacuous
+    # every rank replays what the larger micro-batch of the step needs, which rank 0's own would not give
+    from accelbench.memory import replays_for
+
+    for run in (eager, compiled):
+        rank0, rank1 = run["replays"]
+        assert [t for t, _ in rank0] == [84, 58, 93] and [t for t, _ in rank1] == [90, 64, 99]
+        assert [k for _, k in rank0] == [k for _, k in rank1] == [1, 0, 2]
+        assert [replays_for(TABLE, t, 2) for t, _ in rank0] == [0, 0, 2]
     for (loss, norm), (want_loss, want_norm) in zip(compiled["steps"], eager["steps"], strict=True):
         assert loss == pytest.approx(want_loss, rel=1e-5)
         assert norm == pytest.approx(want_norm, rel=1e-4)

@@ -22,8 +22,10 @@ from accelbench.memory import (
     estimate_memory,
     fit_recompute as fit_recompute_memory,
     layer_saved_bytes_per_token,
+    recompute_table,
+    replays_for,
 )
-from accelbench.plan import LEVERS, build_plan, fit_recompute, memory_input, parse_recompute
+from accelbench.plan import FIXED_REPLAYS_NOTE, LEVERS, build_plan, fit_recompute, memory_input, parse_recompute
 from accelbench.train.datacheck import micro_batch_token_bound
 from accelbench.train.flops import llm_layer_matmul_params, step_flops
 
@@ -177,6 +179,36 @@ def test_fit_recompute_returns_the_fewest_layers_that_fit():
     assert k == 32 and est.total == totals[-1] > totals[-1] - 1
     # grad_ckpt=False in the input is overridden: the fit is about checkpointing
     assert fit_recompute_memory(replace(inp, grad_ckpt=False), totals[12])[0] == 12
+
+
+def test_recompute_table_gives_each_size_the_fewest_replays_that_fit():
+    bound = 20996  # the synthetic data's longest 16-sample micro-batch
+    inp = _inp7("finetune", kernels="inductor", micro_batch=16, packed=True, loss_impl="objective", tokens=bound)
+
+    def total(k: int, tokens: int) -> int:
+        return estimate_memory(replace(inp, recompute_layers=k, tokens=tokens)).total
+
+    usable = total(27, bound)
+    table = recompute_table(inp, usable)
+    assert table[-1] == (bound, fit_recompute_memory(inp, usable)[0]) == (bound, 27)
+    sizes, ks = [t for t, _ in table], [k for _, k in table]
+    assert sizes == sorted(set(sizes)) and ks == sorted(set(ks)) and ks[0] < 20  # smaller ones replay far fewer
+    covered = 0
+    for max_tokens, k in table:
+        assert total(k, max_tokens) <= usable
+        if max_tokens < bound:
+            assert total(k, max_tokens + 1) > usable  # the row ends where k stops fitting
+        if k:
+            assert total(k - 1, covered + 1) > usable  # and no fewer fit at its smallest size
+        covered = max_tokens
+    assert replays_for(table, 1, 32) == ks[0]
+    assert replays_for(table, sizes[3], 32) == ks[3] and replays_for(table, sizes[3] + 1, 32) == ks[4]
+    assert replays_for(table, bound + 1, 32) == 32  # beyond the data's bound: every layer
+    # a usable size where even every layer replayed fits only up to some size: no row above it
+    tight = total(32, 15000)
+    (last, k_last) = recompute_table(inp, tight)[-1]
+    assert k_last == 32 and last >= 15000 and total(32, last + 1) > tight
+    assert recompute_table(inp, total(32, 1) - 1) == []
 
 
 @pytest.mark.parametrize("bad,match", [({"recompute_layers": 33}, "recompute_layers"),
@@ -337,7 +369,8 @@ def test_parse_recompute():
     for bad in (41, "41", "-1", "x", None, "1.5"):
         with pytest.raises(ConfigError):
             parse_recompute(bad, 40)
-    assert set(LEVERS) == {"packing", "selective-recompute", "target-loss", "fused-kernels", "compiled-layers",
+    assert set(LEVERS) == {"packing", "selective-recompute", "batch-recompute", "target-loss", "fused-kernels",
+                           "compiled-layers",
                            "loader-workers", "zero3-buckets"}
 
 
@@ -366,6 +399,34 @@ def test_refit_with_the_data_bound_replaces_the_record(h200):
     fit_recompute(plan, h200, micro_batch_tokens=10**6)
     assert plan.recompute_layers == 40 and _recompute_adjustments(plan) == []
     assert plan.to_dict()["micro_batch_tokens"] == 10**6
+
+
+def test_each_micro_batch_replays_what_its_size_needs(h200):
+    def finetune(**kw):
+        plan = build_plan(h200, case="llava1.5-13b", stage="finetune", nproc=4, **kw)
+        fit_recompute(plan, h200, micro_batch_tokens=20996)
+        return plan
+
+    plan = finetune()
+    table, k = plan.recompute_table, plan.recompute_layers
+    assert table[-1] == [20996, k] and 0 < k and table[0][1] < k
+    assert plan.to_dict()["recompute_table"] == table
+    (adj,) = [a for a in plan.adjustments if a.what == "recompute_table"]
+    assert adj.to == f"{table[0][1]}-{k} by micro-batch size" and "--without batch-recompute" in adj.why
+    fit_recompute(plan, h200, micro_batch_tokens=20996)  # a re-fit replaces the record
+    assert len([a for a in plan.adjustments if a.what == "recompute_table"]) == 1
+    # off: by the lever, by a fixed --recompute, and for eager ZeRO-3 layers (whose replays ZeRO-3 fetches for)
+    off = finetune(without=["batch-recompute"])
+    assert off.recompute_table == [] and off.recompute_layers == k
+    assert not any(a.what == "recompute_table" for a in off.adjustments)
+    assert finetune(recompute=10).recompute_table == []
+    eager = finetune(without=["compiled-layers"])
+    assert eager.recompute_table == [] and eager.recompute_layers > 0
+    assert sum(n.startswith(FIXED_REPLAYS_NOTE) for n in eager.notes) == 1
+    # ZeRO-2 fetches nothing: its eager layers vary too
+    pretrain = _pretrain13(h200, without=["compiled-layers"])
+    fit_recompute(pretrain, h200, micro_batch_tokens=60_000)
+    assert pretrain.recompute_layers > 0 and pretrain.recompute_table[-1] == [60_000, pretrain.recompute_layers]
 
 
 def test_refit_leaves_explicit_recompute_alone(h200):
@@ -823,10 +884,10 @@ def test_back_off_replays_every_layer_before_halving_the_micro_batch():
     from accelbench.train.recovery import back_off
 
     plan = {"LBS": 8, "GAS": 1, "GBS": 16, "gradient_checkpointing": True, "recompute": "auto",
-            "recompute_layers": 0, "adjustments": []}
+            "recompute_layers": 0, "recompute_table": [[100, 0], [200, 1]], "adjustments": []}
     cfg = SimpleNamespace(case="tiny", plans={"finetune": plan})
     first = back_off(cfg, {"stage": "finetune", "step": 2, "error": "oom"}, {})
     assert [(a["what"], a["from"], a["to"]) for a in first] == [("recompute_layers", 0, 2)]
-    assert plan["LBS"] == 8 and plan["recompute"] == "all"
+    assert plan["LBS"] == 8 and plan["recompute"] == "all" and plan["recompute_table"] == []
     second = back_off(cfg, {"stage": "finetune", "step": 2, "error": "oom"}, {})
     assert [(a["what"], a["from"], a["to"]) for a in second] == [("micro_batch", 8, 4), ("grad_accum", 1, 2)]

@@ -52,8 +52,9 @@ def optimizations(plans: dict[str, Any]) -> list[str]:
             else "loss: transformers' (fp32 logits at every position)" for p in plans.values()}
     for stage, p in plans.items():
         if p.grad_ckpt:
-            out.add(f"gradient checkpointing ({stage}): {p.recompute_layers} of {p.preset.llm.layers} "
-                    f"decoder layers replayed")
+            fewest = f"{p.recompute_table[0][1]}-" if len(p.recompute_table) > 1 else ""
+            out.add(f"gradient checkpointing ({stage}): {fewest}{p.recompute_layers} of {p.preset.llm.layers} "
+                    f"decoder layers replayed" + (", by micro-batch size" if fewest else ""))
     return sorted(out)
 
 

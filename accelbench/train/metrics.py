@@ -38,6 +38,8 @@ class StepRecord:
     tokens_per_s_per_proc: float
     warmup: bool = False
     compiled: bool = False  # torch.compile made a graph during this step, on some rank (a one-off cost)
+    replayed_layers: int | None = None  # decoder layers replayed in this step's largest micro-batch (checkpointing)
+    mem_step_peak: int | None = None  # peak allocated during this step on this process (bytes; GPU only)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -127,6 +129,7 @@ def summarize(records: list[StepRecord], *, world_size: int, stage_wall_s: float
     e2e = sum(r.real_tokens for r in records) / stage_wall_s / world_size
     losses = [r.loss for r in records]
     peak_alloc = max(r.mem_allocated for r in records)
+    replays = [r.replayed_layers for r in steady if r.replayed_layers is not None]
     out: dict[str, Any] = {
         "steps": len(records), "warmup_steps_excluded": warm, "compile_steps_excluded": compile_excluded,
         "steady_steps": len(steady),
@@ -143,6 +146,8 @@ def summarize(records: list[StepRecord], *, world_size: int, stage_wall_s: float
         "loss_first": losses[0], "loss_last": losses[-1],
         "loss_mean_last_n": mean(losses[-last_n:]), "loss_last_n": min(last_n, len(losses)),
         "grad_norm_last": records[-1].grad_norm,
+        # decoder layers replayed per step (lever "batch-recompute" varies it with the micro-batch's size)
+        "replayed_layers_mean": mean(replays) if replays else None,
         "mem_peak_allocated": peak_alloc, "mem_peak_reserved": max(r.mem_reserved for r in records),
         "mem_rss_peak": max(r.rss for r in records), "mem_device_total": device_total,
         "stage_wall_s": stage_wall_s,

@@ -152,10 +152,18 @@ def enable_checkpointing(model: Any, llm_layers: int | None = None) -> None:
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if llm_layers is not None:
-        for index, layer in enumerate(model.model.language_model.layers):
-            layer.gradient_checkpointing = index < llm_layers
+        replay_first_layers(model, llm_layers)
     # frozen embeddings still need grads to flow into checkpointed layers (projector training in pretrain)
     model.enable_input_require_grads()
+
+
+def replay_first_layers(model: Any, k: int) -> None:
+    """Checkpoint (replay in backward) the first ``k`` decoder layers and keep the activations of the rest.
+
+    Read at each layer's call, so it can change between micro-batches; a compiled layer has a graph for each
+    setting and does not recompile."""
+    for index, layer in enumerate(model.model.language_model.layers):
+        layer.gradient_checkpointing = index < k
 
 
 def fix_generation_config(model: Any) -> list[Any]:

@@ -85,11 +85,11 @@ def back_off(cfg: Any, failure: dict[str, Any], result: dict[str, Any]) -> list[
     why = f"out of memory at step {step}: {failure.get('error', '')}"
     layers = get_preset(cfg.case).llm.layers
     if plan.get("gradient_checkpointing") and plan.get("recompute") == "auto" \
-            and plan.get("recompute_layers", layers) < layers:
+            and (plan.get("recompute_layers", layers) < layers or plan.get("recompute_table")):
         # the planner kept layers from replaying to fill the memory: give that back first
         adjustment = {"what": "recompute_layers", "from": plan["recompute_layers"], "to": layers, "why": why,
                       "by": "trainer", "stage": stage}
-        plan["recompute_layers"], plan["recompute"] = layers, "all"
+        plan["recompute_layers"], plan["recompute"], plan["recompute_table"] = layers, "all", []
         _record(plan, result, stage, [adjustment])
         return [adjustment]
     mbs, gas = int(plan["LBS"]), int(plan["GAS"])

@@ -11,11 +11,13 @@ import torch
 from torch.profiler import record_function
 
 from ..cases import get_preset
+from ..memory import replays_for
 from ..progress import Progress
 from . import checkpoint, faults
 from .config import RunConfig
 from .objective import LlavaObjective, lm_head_calls
 from .metrics import EventLog, StepRecord, read_step_records, rss_bytes, summarize, warmup_steps
+from .model import replay_first_layers
 
 
 def cosine_with_warmup(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float = 0.03) -> Any:
@@ -65,6 +67,7 @@ class StageRunner:
         self.device = torch.device(dev_type, local_rank) if dev_type != "cpu" else torch.device("cpu")
         self.stage_dir = Path(cfg.run_dir) / stage
         self.compiled_layers = 0  # decoder and vision layers compiled by torch.compile (kernel set "inductor")
+        self._peaks: dict[str, int] = {}  # the run's memory peaks (_peak)
         if rank == 0:
             self.stage_dir.mkdir(parents=True, exist_ok=True)
 
@@ -226,6 +229,8 @@ class StageRunner:
             position_before = self._position
             graphs_before = self._graphs()
             self.acc.synchronize()
+            if self.device.type == "cuda":  # each step's own peak; mem_allocated keeps the run's
+                torch.cuda.reset_peak_memory_stats(self.device)
             t0 = time.perf_counter()
             real = padded = samples = 0
             mflops = hflops = 0.0
@@ -238,8 +243,11 @@ class StageRunner:
                     # the step's loss is the mean over every target token of every rank and micro-batch (as
                     # the HF Trainer's average_tokens_across_devices), not a mean of per-rank means
                     scale = step_token_scale(sum(targets), self.device, self.world_size * gas)
+                    replays = self._replays(step_batches)
                 for micro, batch in enumerate(step_batches):
                     faults.before_micro_step(self.stage, n, rank=self.rank, micro_batch=mbs, backend=self.backend.name)
+                    if replays[micro] is not None:
+                        replay_first_layers(model, replays[micro])
                     with record_function("accelbench/data"):
                         inputs = model_inputs(batch, self.device, model.dtype)
                     with record_function("accelbench/forward"):
@@ -254,7 +262,7 @@ class StageRunner:
                     n_img = 0 if batch["pixel_values"] is None else int(batch["pixel_values"].shape[0])
                     fl = step_flops(self.preset, batch["seq_lens"], n_img, self.stage,
                                     grad_ckpt=p["gradient_checkpointing"],
-                                    recompute_layers=p.get("recompute_layers"),
+                                    recompute_layers=replays[micro],
                                     padded_len=None if p.get("packed") else int(batch["input_ids"].shape[1]),
                                     lm_head_tokens=targets[micro]
                                     if p.get("loss", "objective") == "objective" else None)
@@ -287,9 +295,11 @@ class StageRunner:
                 samples=int(stats[2]), loss=loss_mean, lr=float(engine.get_lr()[0]),
                 grad_norm=float(grad_norm) if grad_norm is not None else None,
                 model_flops=float(stats[3]), hardware_flops=float(stats[4]),
-                mem_allocated=self._mem("max_memory_allocated"), mem_reserved=self._mem("max_memory_reserved"),
+                mem_allocated=self._peak("max_memory_allocated"), mem_reserved=self._peak("max_memory_reserved"),
                 rss=rss_bytes(), tokens_per_s_per_proc=float(stats[0]) / dt / self.world_size,
                 warmup=step < warm, compiled=float(stats[7]) > 0,
+                replayed_layers=max(replays),
+                mem_step_peak=self._mem("max_memory_allocated") if self.device.type == "cuda" else None,
             )
             records.append(rec)
             if self.rank == 0:
@@ -368,6 +378,30 @@ class StageRunner:
         from .kernels import compile_counters
 
         return compile_counters()["graphs"]
+
+    def _replays(self, step_batches: list[dict[str, Any]]) -> list[int]:
+        """Decoder layers each micro-batch of the step replays: with lever "batch-recompute", the plan's
+        table row for the largest micro-batch any rank has at that position, so that every rank replays the
+        same layers (eager ZeRO-3 fetches a replayed layer's parameters once more, and every rank must issue
+        the same collectives); otherwise the plan's fixed number."""
+        p = self.plan
+        fixed = p.get("recompute_layers") if p["gradient_checkpointing"] else 0
+        table = p.get("recompute_table")
+        if not table:
+            return [fixed] * len(step_batches)
+        tokens = torch.tensor([b["padded_tokens"] for b in step_batches], dtype=torch.int64)
+        if self.world_size > 1:
+            import deepspeed.comm as dist
+
+            tokens = tokens.to(self.device)
+            dist.all_reduce(tokens, op=dist.ReduceOp.MAX)
+        layers = self.preset.llm.layers
+        return [replays_for(table, int(t), layers) for t in tokens.tolist()]
+
+    def _peak(self, what: str) -> int:
+        """The run's peak so far: the device counters restart every step."""
+        self._peaks[what] = max(self._peaks.get(what, 0), self._mem(what))
+        return self._peaks[what]
 
     def _mem(self, what: str) -> int:
         if self.device.type == "cuda":
