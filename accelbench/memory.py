@@ -253,14 +253,9 @@ def _vision_projector_terms(inp: MemoryPlanInput) -> dict[str, int]:
     t, v = p.llm, p.vision
     n_img = inp.micro_batch * inp.images_per_sample
     pos = v.patches + 1
-    if inp.grad_ckpt:
-        # enable_input_require_grads makes the patch-embedding (conv) output a leaf that requires
-        # grad: its AccumulateGrad node keeps it (patches·vh), pre_layrnorm keeps its input (P·vh),
-        # and every checkpointed CLIP layer keeps its input (vL·P·vh; the last one is
-        # hidden_states[-2], the projector's input).
-        vision = n_img * v.hidden * b * ((v.layers + 1) * pos + v.patches)
-    else:  # nothing is saved but hidden_states[-2]
-        vision = n_img * pos * v.hidden * b
+    # The frozen tower runs without autograd (model.freeze_for_stage): nothing is saved but hidden_states[-2],
+    # the projector's input.
+    vision = n_img * pos * v.hidden * b
     # Projector: linear_1's input is a view of hidden_states[-2] (counted above); GELU input and
     # linear_2 input are 2·h wide.
     return {"act_projector": n_img * v.image_tokens * 2 * t.hidden * b, "act_vision": vision}

@@ -13,9 +13,9 @@ Conventions (stated once, used everywhere):
   *through* still costs the activation-gradient half.
 * ``model_flops`` (MFU basis, PaLM): real sequence lengths, no recompute.
   ``hardware_flops`` (HFU basis): what the hardware executed -- padded lengths when ``padded_len``
-  is given, plus the replayed layer forwards under gradient checkpointing, plus the activation
-  gradients transformers pushes through the frozen CLIP tower when checkpointing is enabled
-  (``_vision_grad_path``).  Both were checked op-for-op against FlopCounterMode.
+  is given, plus the replayed layer forwards under gradient checkpointing, plus, for a model that pushes
+  activation gradients through the frozen CLIP tower (transformers' Llava when checkpointing is enabled; not
+  accelbench's, see ``model.freeze_for_stage``), that backward (``_vision_grad_path``).  Both were checked op-for-op against FlopCounterMode.
 
 Vision tower: transformers 5.24's Llava asks CLIP for ``output_hidden_states=-2`` but
 ``CLIPEncoder`` still loops over *all* layers (verified with FlopCounterMode on the tiny preset,
@@ -189,7 +189,7 @@ def step_flops(
     *,
     grad_ckpt: bool,
     padded_len: int | None = None,
-    frozen_vision_backward: bool | None = None,
+    frozen_vision_backward: bool = False,
     recompute_early_stop: bool = True,
     lm_head_tokens: int | None = None,
     recompute_layers: int | None = None,
@@ -201,7 +201,8 @@ def step_flops(
     ``padded_len``: when the batch is padded to a common length, the hardware processes that
     length for every sequence (only affects ``hardware_flops``).
     ``frozen_vision_backward``: whether gradients flow into the frozen CLIP tower (see
-    ``_vision_grad_path``); ``None`` means "as transformers does it": exactly when ``grad_ckpt``.
+    ``_vision_grad_path``): not in accelbench's model, whose tower runs without autograd as LLaVA's does
+    (``model.freeze_for_stage``); transformers' own Llava under activation checkpointing does it.
     ``recompute_early_stop``: torch's non-reentrant checkpoint early stop (default on); pass False
     for reentrant checkpointing, which replays the whole layer.
     ``lm_head_tokens``: positions whose logits are computed, when the objective computes them only
@@ -222,9 +223,6 @@ def step_flops(
         )
     if padded_len is not None and lens and padded_len < max(lens):
         raise ValueError(f"padded_len {padded_len} is shorter than the longest sequence {max(lens)}")
-    if frozen_vision_backward is None:
-        frozen_vision_backward = grad_ckpt
-
     terms = _terms(preset, lens, n_images, stage, lm_head_tokens)
     model = sum(terms.values())
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import glob
 import os
+import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -127,7 +128,15 @@ def load_projector(model: Any, path: str) -> None:
 
 
 def freeze_for_stage(model: Any, stage: str) -> list[torch.nn.Parameter]:
-    """Pretrain trains the projector only; finetune trains LLM + projector. The vision tower stays frozen."""
+    """Pretrain trains the projector only; finetune trains LLM + projector. The vision tower stays frozen and
+    runs without autograd, as LLaVA's ``CLIPVisionTower.forward`` (``@torch.no_grad``) does.
+
+    Without that, transformers' ``enable_input_require_grads`` (called by activation checkpointing) makes CLIP's
+    patch embeddings require grad, and every step back-propagates activation gradients through the 24 frozen
+    CLIP layers, replaying them, for nothing: no weight upstream of the projector is trained. Under ZeRO-3 that
+    backward also gathers the tower's parameters a second time."""
+    vision = model.model.vision_tower
+    vision.forward = types.MethodType(_forward_without_grad, vision)
     for p in model.parameters():
         p.requires_grad_(False)
     trainable = [model.model.multi_modal_projector]
@@ -155,6 +164,11 @@ def enable_checkpointing(model: Any, llm_layers: int | None = None) -> None:
         replay_first_layers(model, llm_layers)
     # frozen embeddings still need grads to flow into checkpointed layers (projector training in pretrain)
     model.enable_input_require_grads()
+
+
+def _forward_without_grad(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+    with torch.no_grad():
+        return type(self).forward(self, *args, **kwargs)
 
 
 def replay_first_layers(model: Any, k: int) -> None:
