@@ -23,7 +23,7 @@ LEVERS = {
                        "many as each one needs",
     "target-loss": "transformers' loss (fp32 logits at every position) instead of the target-only chunked loss",
     "fused-kernels": "transformers' own norm/MLP/rotary modules instead of the backend's fused or compiled kernels",
-    "compiled-layers": "eager decoder and vision layers (the backend's next kernel set) instead of torch.compile'd ones",
+    "compiled-layers": "eager decoder layers (the backend's next kernel set) instead of torch.compile'd ones",
     "loader-workers": "load and collate batches in the training process",
     "zero3-buckets": "LLaVA's ZeRO-3 bucket sizes (hidden², HF's auto) instead of 5e8-element prefetch and reduce buckets",
 }
@@ -375,11 +375,10 @@ def _check_compiled_layer_config(plan: RunPlan) -> None:
     """A --ds-config merged over the settings compiled layers need under ZeRO-3 can undo them: say so."""
     if plan.zero_stage != 3 or plan.kernels != COMPILED_KERNELS or not plan.ds_overrides:
         return
-    from .train.ds_config import COMPILED_LAYERS, layers_are_units
+    from .train.ds_config import layers_are_units
 
     zero = plan.deepspeed_overrides().get("zero_optimization", {})
-    units = all(layers_are_units(zero, c) for c in COMPILED_LAYERS["zero_optimization"]["leaf_module"]["classes"])
-    if zero.get("memory_efficient_linear", True) or not units:
+    if zero.get("memory_efficient_linear", True) or not layers_are_units(zero):
         plan.notes.append("--ds-config sets zero_optimization.leaf_module or memory_efficient_linear against what "
                           "compiled layers need: ZeRO-3's hooks or its linear then break the compiled graph "
                           "(drop those keys, or run --without compiled-layers)")

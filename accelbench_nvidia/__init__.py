@@ -136,9 +136,9 @@ def accelbench_kernels(backend: str, machine: MachineFacts) -> KernelCapability 
         return KernelCapability()
     return KernelCapability((
         KernelSet("inductor", packages=("triton",), compiled=True,
-                  description="each decoder and vision encoder layer compiled by torch.compile (Inductor's fused "
-                              "Triton kernels), run as one ZeRO-3 fetch unit: fewer kernel launches and host calls "
-                              "per layer"),
+                  description="each decoder layer compiled by torch.compile (Inductor's fused Triton kernels), "
+                              "run as one ZeRO-3 fetch unit (so is each vision encoder layer): fewer kernel launches "
+                              "and host calls per layer"),
         KernelSet("liger", packages=("liger_kernel", "triton"),
                   description="Liger's fused Triton RMSNorm, SwiGLU and rotary kernels: "
                               "fewer kernel launches and smaller saved activations"),

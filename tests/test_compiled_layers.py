@@ -132,9 +132,9 @@ def test_a_step_that_compiled_is_left_out_of_the_steady_state():
 def test_compiled_layers_train_like_eager_under_zero3(tmp_path):
     eager, compiled = _run("hf", tmp_path), _run("inductor", tmp_path)
     assert eager["compiled"] == 0 and eager["counters"]["graphs"] == 0
-    # the layers did run compiled: 2 decoder layers and 3 vision encoder layers; a replayed and a kept decoder
-    # variant and the vision layer's at least (CPU attention adds graph breaks)
-    assert compiled["compiled"] == 2 + 3 and compiled["counters"]["graphs"] >= 3
+    # the layers did run compiled: 2 decoder layers, a replayed and a kept variant at least (CPU attention adds
+    # graph breaks); the vision encoder layers stay eager
+    assert compiled["compiled"] == 2 and compiled["counters"]["graphs"] >= 2
     assert len({round(loss, 4) for loss, _ in eager["steps"]}) > 1  # it trains: the comparison is not vacuous
     # every rank replays what the larger micro-batch of the step needs, which rank 0's own would not give
     from accelbench.memory import replays_for
@@ -147,6 +147,41 @@ def test_compiled_layers_train_like_eager_under_zero3(tmp_path):
     for (loss, norm), (want_loss, want_norm) in zip(compiled["steps"], eager["steps"], strict=True):
         assert loss == pytest.approx(want_loss, rel=1e-5)
         assert norm == pytest.approx(want_norm, rel=1e-4)
+
+
+def test_image_features_are_the_eager_ones_bit_for_bit():
+    """The frozen tower runs without autograd and eager under compiled layers: in bf16 its image features equal
+    those of transformers' own forward with autograd, bit for bit (compiled, Inductor's fused fp32 intermediates
+    moved them 0.6 % and the GPU loss curve with them)."""
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    from accelbench.cases import get_preset
+    from accelbench.train.kernels import compile_layers
+    from accelbench.train.model import enable_checkpointing, freeze_for_stage
+
+    preset = get_preset("tiny")
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration._from_config(preset.llava_config(image_token_id=IMAGE_TOKEN),
+                                                       attn_implementation="sdpa", dtype=torch.bfloat16)
+    model.train()
+    pixels = torch.randn(4, 3, preset.vision.image_size, preset.vision.image_size, dtype=torch.bfloat16)
+
+    def features():
+        cfg = model.config
+        out = model.model.get_image_features(pixel_values=pixels, vision_feature_layer=cfg.vision_feature_layer,
+                                             vision_feature_select_strategy=cfg.vision_feature_select_strategy)
+        return torch.stack(list(out.pooler_output))
+
+    enable_checkpointing(model)
+    for p in model.model.vision_tower.parameters():
+        p.requires_grad_(False)
+    reference = features()  # transformers' own: gradients reach the tower through enable_input_require_grads
+    assert reference.requires_grad
+    freeze_for_stage(model, "finetune")
+    assert compile_layers(model, "inductor") == preset.llm.layers
+    ours = features()
+    assert torch.equal(ours, reference)
 
 
 if __name__ == "__main__":

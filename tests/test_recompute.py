@@ -326,11 +326,14 @@ def test_compiled_layers_make_each_decoder_layer_a_zero3_fetch_unit(h200):
                         ds_overrides={"zero_optimization": {"memory_efficient_linear": True}})
     assert undone.deepspeed_overrides()["zero_optimization"]["memory_efficient_linear"] is True
     assert any("compiled layers need" in n and "--without compiled-layers" in n for n in undone.notes)
-    # a file listing the decoder layer alone (benchmarks/gpu/ds/zero3-leaf.json) replaces the list: the vision
-    # encoder layer is no unit then, and the note says so
+    # a file listing the decoder layer alone (benchmarks/gpu/ds/zero3-leaf.json) replaces the list: the (eager)
+    # vision layer is no unit then, which breaks no graph; one leaving the decoder layer out does, and says so
     decoder_only = build_plan(h200, case="llava1.5-13b", stage="finetune", nproc=4, ds_overrides={
         "zero_optimization": {"leaf_module": {"classes": ["LlamaDecoderLayer"]}}})
-    assert any("compiled layers need" in n for n in decoder_only.notes)
+    assert not any("compiled layers need" in n for n in decoder_only.notes)
+    vision_only = build_plan(h200, case="llava1.5-13b", stage="finetune", nproc=4, ds_overrides={
+        "zero_optimization": {"leaf_module": {"classes": ["CLIPEncoderLayer"]}}})
+    assert any("compiled layers need" in n for n in vision_only.notes)
 
 
 def test_liger_needs_its_packages_and_ampere():

@@ -66,7 +66,7 @@ class StageRunner:
         dev_type = self.info.torch_device_type
         self.device = torch.device(dev_type, local_rank) if dev_type != "cpu" else torch.device("cpu")
         self.stage_dir = Path(cfg.run_dir) / stage
-        self.compiled_layers = 0  # decoder and vision layers compiled by torch.compile (kernel set "inductor")
+        self.compiled_layers = 0  # decoder layers compiled by torch.compile (kernel set "inductor")
         self._peaks: dict[str, int] = {}  # the run's memory peaks (_peak)
         if rank == 0:
             self.stage_dir.mkdir(parents=True, exist_ok=True)
