@@ -450,7 +450,7 @@ def recompute_table(inp: MemoryPlanInput, usable_bytes: int) -> list[tuple[int, 
 
     Each row says: a micro-batch of at most ``max_tokens`` tokens fits with ``k`` layers replayed, and
     ``k`` is the fewest that does for every size above the previous row's.  Packed micro-batches vary
-    in size (a 16-sample one holds 11-21k tokens on LLaVA-like data), and one at the data's bound
+    in size (a 16-sample one holds 9-21k tokens on the synthetic LLaVA-like data), and one at the data's bound
     (``inp.micro_batch_tokens``, the last row) needs more replays than a typical one.  Sizes for which
     even every layer replayed does not fit get no row; the caller replays every layer there.
     """

@@ -138,7 +138,8 @@ def test_zero3_buckets_lever_and_user_overrides_reach_the_plan_and_memory_model(
     user = tmp_path / "tuned.json"
     user.write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 200_000_000,
                                                       "stage3_param_persistence_threshold": 1_000_000}}))
-    reg = load_registry(machine=describe_machine("NVIDIA H200", 140 * 2**30, count=1))
+    # 138 GiB: where 13B finetune's 5e8 buckets just miss at 16 x 2048 tokens with every layer replayed
+    reg = load_registry(machine=describe_machine("NVIDIA H200", 138 * 2**30, count=1))
     args = dict(case="llava1.5-13b", stage="finetune", nproc=2)
     nvidia = reg.select("nvidia")
     llava = build_plan(nvidia, **args, without=("zero3-buckets",))

@@ -15,7 +15,8 @@ Conventions (stated once, used everywhere):
   ``hardware_flops`` (HFU basis): what the hardware executed -- padded lengths when ``padded_len``
   is given, plus the replayed layer forwards under gradient checkpointing, plus, for a model that pushes
   activation gradients through the frozen CLIP tower (transformers' Llava when checkpointing is enabled; not
-  accelbench's, see ``model.freeze_for_stage``), that backward (``_vision_grad_path``).  Both were checked op-for-op against FlopCounterMode.
+  accelbench's, see ``model.freeze_for_stage``), that backward (``_vision_grad_path``).  Both were checked
+  op-for-op against FlopCounterMode.
 
 Vision tower: transformers 5.24's Llava asks CLIP for ``output_hidden_states=-2`` but
 ``CLIPEncoder`` still loops over *all* layers (verified with FlopCounterMode on the tiny preset,

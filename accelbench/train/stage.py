@@ -379,24 +379,15 @@ class StageRunner:
 
         return compile_counters()["graphs"]
 
-    def _replays(self, step_batches: list[dict[str, Any]]) -> list[int]:
-        """Decoder layers each micro-batch of the step replays: with lever "batch-recompute", the plan's
-        table row for the largest micro-batch any rank has at that position, so that every rank replays the
-        same layers (eager ZeRO-3 fetches a replayed layer's parameters once more, and every rank must issue
-        the same collectives); otherwise the plan's fixed number."""
+    def _replays(self, step_batches: list[dict[str, Any]]) -> list[int | None]:
+        """Decoder layers each micro-batch of the step replays: with lever "batch-recompute", the plan's table row
+        for this rank's micro-batch (the planner builds a table only where replays are invisible to ZeRO, so ranks
+        may replay different numbers); otherwise the plan's fixed number."""
         p = self.plan
-        fixed = p.get("recompute_layers") if p["gradient_checkpointing"] else 0
         table = p.get("recompute_table")
         if not table:
-            return [fixed] * len(step_batches)
-        tokens = torch.tensor([b["padded_tokens"] for b in step_batches], dtype=torch.int64)
-        if self.world_size > 1:
-            import deepspeed.comm as dist
-
-            tokens = tokens.to(self.device)
-            dist.all_reduce(tokens, op=dist.ReduceOp.MAX)
-        layers = self.preset.llm.layers
-        return [replays_for(table, int(t), layers) for t in tokens.tolist()]
+            return [p.get("recompute_layers") if p["gradient_checkpointing"] else 0] * len(step_batches)
+        return [replays_for(table, b["padded_tokens"], self.preset.llm.layers) for b in step_batches]
 
     def _peak(self, what: str) -> int:
         """The run's peak so far: the device counters restart every step."""
