@@ -90,8 +90,8 @@ class AttentionCapability(_ToDict):
 @dataclass(frozen=True)
 class KernelSet(_ToDict):
     """A set of fused training kernels the trainer knows by name, with the import names it needs:
-    ``"liger"`` (Liger's Triton RMSNorm, SwiGLU and rotary kernels) or ``"inductor"`` (each decoder and vision
-    encoder layer compiled by ``torch.compile``, whose Inductor backend generates the fused kernels)."""
+    ``"liger"`` (Liger's Triton RMSNorm, SwiGLU and rotary kernels) or ``"inductor"`` (each decoder layer
+    compiled by ``torch.compile``, whose Inductor backend generates the fused kernels)."""
 
     name: str
     packages: tuple[str, ...] = ()

@@ -301,8 +301,12 @@ def fit_recompute(plan: RunPlan, backend: Any, micro_batch_tokens: int | None = 
         if k != layers:
             plan.adjustments.append(Adjustment("recompute_layers", layers, k, f"the fewest replayed decoder layers "
                                                f"whose estimate fits the usable memory at {tokens}", "planner"))
-        if k and "batch-recompute" not in plan.without and _replays_may_vary(plan):
-            plan.recompute_table = [list(r) for r in recompute_table(memory_input(plan), usable)]
+        if k and "batch-recompute" not in plan.without:
+            if not _replays_may_vary(plan):
+                plan.notes.append(f"{FIXED_REPLAYS_NOTE}: under ZeRO-3, eager decoder layers that are not fetch "
+                                  f"units would change ZeRO-3's fetch order with the replay count")
+            else:
+                plan.recompute_table = [list(r) for r in recompute_table(memory_input(plan), usable)]
             if plan.recompute_table:
                 (small, fewest), (large, most) = plan.recompute_table[0], plan.recompute_table[-1]
                 plan.adjustments.append(Adjustment(
@@ -330,11 +334,7 @@ def _replays_may_vary(plan: RunPlan) -> bool:
     fetch unit (compiled layers) is fetched once either way; ZeRO-2 fetches nothing."""
     from .train.ds_config import layers_are_units
 
-    if plan.zero_stage != 3 or layers_are_units(plan.deepspeed_overrides().get("zero_optimization", {})):
-        return True
-    plan.notes.append(f"{FIXED_REPLAYS_NOTE}: under ZeRO-3, eager decoder layers that are not fetch units would "
-                      f"change ZeRO-3's fetch order with the replay count")
-    return False
+    return plan.zero_stage != 3 or layers_are_units(plan.deepspeed_overrides().get("zero_optimization", {}))
 
 
 def _choose_zero3_buckets(plan: RunPlan, calibration: float) -> None:

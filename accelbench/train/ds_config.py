@@ -82,12 +82,11 @@ COMPILED_LAYERS: dict[str, Any] = {"zero_optimization": {
     "leaf_module": {"classes": [DECODER_LAYER_CLASS, VISION_LAYER_CLASS]}, "memory_efficient_linear": False}}
 
 
-def layers_are_units(zero: dict[str, Any], layer_class: str = DECODER_LAYER_CLASS) -> bool:
-    """Whether a ZeRO config makes each layer of ``layer_class`` one fetch unit: DeepSpeed's ``leaf_module.classes``
-    naming the class, bare or qualified (its other forms, module names and the granularity threshold, are not
-    read)."""
+def layers_are_units(zero: dict[str, Any]) -> bool:
+    """Whether a ZeRO config makes each decoder layer one fetch unit: DeepSpeed's ``leaf_module.classes`` naming the
+    class, bare or qualified (its other forms, module names and the granularity threshold, are not read)."""
     classes = (zero.get("leaf_module") or {}).get("classes") or []
-    return any(c.rsplit(".", 1)[-1] == layer_class for c in classes)
+    return any(c.rsplit(".", 1)[-1] == DECODER_LAYER_CLASS for c in classes)
 
 
 def tuned_overrides(zero3_buckets: bool, user: dict[str, Any] | None, compiled_layers: bool = False) -> dict[str, Any]:

@@ -246,7 +246,7 @@ class StageRunner:
                     replays = self._replays(step_batches)
                 for micro, batch in enumerate(step_batches):
                     faults.before_micro_step(self.stage, n, rank=self.rank, micro_batch=mbs, backend=self.backend.name)
-                    if replays[micro] is not None:
+                    if p.get("recompute_table"):  # otherwise enable_checkpointing set the plan's fixed layers
                         replay_first_layers(model, replays[micro])
                     with record_function("accelbench/data"):
                         inputs = model_inputs(batch, self.device, model.dtype)
