@@ -312,7 +312,7 @@ def test_compiled_layers_make_each_decoder_layer_a_zero3_fetch_unit(h200):
     finetune = build_plan(h200, case="llava1.5-13b", stage="finetune", nproc=4)
     zero = finetune.deepspeed_overrides()["zero_optimization"]
     assert finetune.kernels == "inductor"
-    assert zero["leaf_module"]["classes"] == ["LlamaDecoderLayer", "CLIPVisionModel"]
+    assert zero["leaf_module"]["classes"] == ["LlamaDecoderLayer", "CLIPEncoderLayer"]
     assert zero["memory_efficient_linear"] is False
     assert zero["stage3_prefetch_bucket_size"] == 500_000_000  # the buckets stay
     eager = build_plan(h200, case="llava1.5-13b", stage="finetune", nproc=4, without=["compiled-layers"])
@@ -327,12 +327,12 @@ def test_compiled_layers_make_each_decoder_layer_a_zero3_fetch_unit(h200):
     assert undone.deepspeed_overrides()["zero_optimization"]["memory_efficient_linear"] is True
     assert any("compiled layers need" in n and "--without compiled-layers" in n for n in undone.notes)
     # a file listing the decoder layer alone (benchmarks/gpu/ds/zero3-leaf.json) replaces the list: the (eager)
-    # vision tower is no unit then, which breaks no graph; one leaving the decoder layer out does, and says so
+    # vision layer is no unit then, which breaks no graph; one leaving the decoder layer out does, and says so
     decoder_only = build_plan(h200, case="llava1.5-13b", stage="finetune", nproc=4, ds_overrides={
         "zero_optimization": {"leaf_module": {"classes": ["LlamaDecoderLayer"]}}})
     assert not any("compiled layers need" in n for n in decoder_only.notes)
     vision_only = build_plan(h200, case="llava1.5-13b", stage="finetune", nproc=4, ds_overrides={
-        "zero_optimization": {"leaf_module": {"classes": ["CLIPVisionModel"]}}})
+        "zero_optimization": {"leaf_module": {"classes": ["CLIPEncoderLayer"]}}})
     assert any("compiled layers need" in n for n in vision_only.notes)
 
 

@@ -71,16 +71,15 @@ ZERO3_BUCKETS: dict[str, Any] = {"zero_optimization": {"stage3_prefetch_bucket_s
 # one ZeRO-3 fetch unit (benchmarks/gpu/ds/zero3-leaf.json). On its own it did not pay on 2 and 4 H200s
 # (docs/performance.md); compiled decoder layers need it (COMPILED_LAYERS), and the memory model counts what it holds.
 DECODER_LAYER_CLASS = "LlamaDecoderLayer"
-# The vision tower (CLIP ViT-L/14-336): frozen, 0.3B parameters, run without autograd (model.freeze_for_stage). As
-# one fetch unit its forward costs ZeRO-3 one fetch of 0.6 GB (bf16) and one release, instead of hooks, a fetch
-# and a release around each of its 24 layers or, without the unit, each of its ~200 modules.
-VISION_TOWER_CLASS = "CLIPVisionModel"
+# The vision tower's encoder layer (CLIP ViT-L/14-336): frozen, 12.6M parameters each, run without autograd. As one
+# fetch unit its forward costs ZeRO-3 one fetch and release instead of one around each of its modules.
+VISION_LAYER_CLASS = "CLIPEncoderLayer"
 
 # ZeRO-3 settings under which a decoder layer's forward can be one torch.compile graph: ZeRO-3's fetch and release
 # hooks run only around the whole layer (not inside it, where each would break the graph), and nn.functional.linear
-# stays torch's own instead of ZeRO-3's memory-efficient autograd function. The vision tower is made a unit with it.
+# stays torch's own instead of ZeRO-3's memory-efficient autograd function. The vision layer is made a unit with it.
 COMPILED_LAYERS: dict[str, Any] = {"zero_optimization": {
-    "leaf_module": {"classes": [DECODER_LAYER_CLASS, VISION_TOWER_CLASS]}, "memory_efficient_linear": False}}
+    "leaf_module": {"classes": [DECODER_LAYER_CLASS, VISION_LAYER_CLASS]}, "memory_efficient_linear": False}}
 
 
 def layers_are_units(zero: dict[str, Any]) -> bool:
