@@ -69,7 +69,8 @@ ZERO3_BUCKETS: dict[str, Any] = {"zero_optimization": {"stage3_prefetch_bucket_s
 
 # The LLM decoder layer of every LLaVA-1.5 case (Vicuna). DeepSpeed's documented ``leaf_module`` option makes it
 # one ZeRO-3 fetch unit (benchmarks/gpu/ds/zero3-leaf.json). On its own it did not pay on 2 and 4 H200s
-# (docs/performance.md); compiled decoder layers need it (COMPILED_LAYERS), and the memory model counts what it holds.
+# (docs/performance-history.md); compiled decoder layers need it (COMPILED_LAYERS), and the memory model counts
+# what it holds.
 DECODER_LAYER_CLASS = "LlamaDecoderLayer"
 # The vision tower's encoder layer (CLIP ViT-L/14-336): frozen, 12.6M parameters each, run without autograd. As one
 # fetch unit its forward costs ZeRO-3 one fetch and release instead of one around each of its modules.

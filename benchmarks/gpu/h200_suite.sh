@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The measurements recorded in docs/gpu-h200.md and docs/performance.md, run through the device tool:
+# The measurements recorded in docs/gpu-h200.md, docs/performance.md and docs/performance-history.md, run through
+# the device tool:
 #   bash benchmarks/gpu/h200_suite.sh PHASE...
 # phases: info nccl gemm varlen liger run7b run13b mem7b mem13b auto7b prof-CASE-STAGE (e.g. prof-13b-finetune)
 #         peer-CASE-STAGE (e.g. peer-13b-pretrain, peer-13b-finetune, peer-7b-finetune) and
