@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from accelbench.train.ds_config import deepspeed_config
+from accelbench.train.ds_config import deepspeed_config, load_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -133,7 +133,6 @@ def test_zero3_buckets_lever_and_user_overrides_reach_the_plan_and_memory_model(
     from accelbench.errors import ConfigError
     from accelbench.machine import describe_machine
     from accelbench.plan import BUCKETS_NOTE, build_plan, estimate, fit_recompute
-    from accelbench.train.ds_config import load_overrides
 
     user = tmp_path / "tuned.json"
     user.write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 200_000_000,
@@ -186,3 +185,22 @@ def test_zero3_buckets_lever_and_user_overrides_reach_the_plan_and_memory_model(
             load_overrides(str(bad))
     with pytest.raises(ConfigError, match="cannot be read"):
         load_overrides(str(tmp_path / "missing.json"))
+
+
+def test_every_benchmark_ds_file_loads_and_names_classes_the_model_has():
+    """The A/B files of benchmarks/gpu/ds/ pass --ds-config's checks, and each ZeRO-3 fetch-unit class they name is
+    a module class of the LLaVA model (DeepSpeed would refuse a misspelt one only on the GPU machine)."""
+    import torch
+
+    from accelbench.cases import get_preset
+    from accelbench.train.model import build_model
+
+    model = build_model(get_preset("tiny"), image_token_id=1000, pad_token_id=0, dtype="fp32",
+                        attn_implementation="sdpa", device=torch.device("cpu"))
+    classes = {type(m).__name__ for m in model.modules()}
+    files = sorted((ROOT / "benchmarks/gpu/ds").glob("*.json"))
+    assert files
+    for path in files:
+        zero = load_overrides(str(path)).get("zero_optimization", {})
+        for name in (zero.get("leaf_module") or {}).get("classes", []):
+            assert name.rsplit(".", 1)[-1] in classes, (path.name, name)
