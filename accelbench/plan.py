@@ -25,6 +25,8 @@ LEVERS = {
     "fused-kernels": "transformers' own norm/MLP/rotary modules instead of the backend's fused or compiled kernels",
     "compiled-layers": "eager decoder layers (the backend's next kernel set) instead of torch.compile'd ones",
     "loader-workers": "load and collate batches in the training process",
+    "balanced-ranks": "give each rank its batch in LLaVA's order instead of dealing every step's samples to the "
+                      "ranks by length",
     "zero3-buckets": "LLaVA's ZeRO-3 bucket sizes (hidden², HF's auto) instead of 5e8-element prefetch and reduce buckets",
 }
 
@@ -95,6 +97,13 @@ class RunPlan:
                                compiled_layers=self.zero_stage == 3 and self.kernels == COMPILED_KERNELS)
 
     @property
+    def balanced_ranks(self) -> bool:
+        """Lever "balanced-ranks": each step's samples are dealt to the ranks by length (data.deal_by_length).
+        Ranks wait for each other at every ZeRO collective, so a step runs at the pace of the rank with the
+        most tokens."""
+        return self.nproc > 1 and "balanced-ranks" not in self.without
+
+    @property
     def global_batch(self) -> int:
         return self.micro_batch * self.grad_accum * self.nproc
 
@@ -132,7 +141,7 @@ class RunPlan:
             "packed": self.packed, "kernels": self.kernels, "loss": self.loss, "recompute": self.recompute,
             "recompute_layers": self.recompute_layers, "recompute_table": [list(r) for r in self.recompute_table],
             "micro_batch_tokens": self.micro_batch_tokens,
-            "without": list(self.without), "zero3_buckets": self.zero3_buckets,
+            "without": list(self.without), "zero3_buckets": self.zero3_buckets, "balanced_ranks": self.balanced_ranks,
             "ds_overrides": self.deepspeed_overrides(),
             "env": dict(self.env), "adjustments": [a.to_dict() for a in self.adjustments],
             "memory_estimate": self.memory, "usable_memory_bytes": self.usable_memory, "notes": list(self.notes),

@@ -10,8 +10,8 @@ from PIL import Image
 
 from accelbench.errors import AccelbenchError, DataError
 from accelbench.train.data import (
-    IGNORE_INDEX, VICUNA_SYSTEM, BadRecords, LengthGroupedSampler, LlavaDataset, collate, load_records,
-    validate_records,
+    IGNORE_INDEX, VICUNA_SYSTEM, BadRecords, LengthGroupedSampler, LlavaDataset, collate, deal_by_length,
+    load_records, validate_records,
 )
 from accelbench.train.synth import synthesize
 
@@ -192,6 +192,39 @@ def test_sampler_resume_skips_batches():
     resumed = LengthGroupedSampler(lengths, 4, 2, 1, seed=5)
     resumed.set_epoch(2, start_index=3)
     assert list(resumed) == full[3:] and len(resumed) == len(full) - 3
+
+
+def test_balanced_ranks_train_the_same_samples_each_step_with_closer_token_counts():
+    lengths, world = sampler_lengths(), 4
+    sizes = [abs(n) for n in lengths]
+
+    def steps(balance: bool) -> list[list[list[int]]]:  # [step][rank] -> batch
+        per_rank = [list(LengthGroupedSampler(lengths, 4, world, r, seed=2, balance_ranks=balance))
+                    for r in range(world)]
+        return [list(batches) for batches in zip(*per_rank)]
+
+    llava, dealt = steps(False), steps(True)
+    assert len(llava) == len(dealt)
+    spread = {True: [], False: []}
+    for ordered, balanced in zip(llava, dealt):
+        assert sorted(i for b in balanced for i in b) == sorted(i for b in ordered for i in b)  # same samples
+        assert all(len(b) == 4 for b in balanced)
+        for key, step in ((False, ordered), (True, balanced)):
+            totals = [sum(sizes[i] for i in b) for b in step]
+            spread[key].append(max(totals) / (sum(totals) / world))
+    assert all(d <= o + 1e-9 for d, o in zip(spread[True], spread[False]))  # never worse than LLaVA's deal
+    assert max(spread[True]) < max(spread[False])  # and better where LLaVA's is worst (its mixed megabatch)
+    # one process per rank: each computes the same deal, and resumes into it
+    resumed = LengthGroupedSampler(lengths, 4, world, 1, seed=2, balance_ranks=True)
+    resumed.set_epoch(0, start_index=2)
+    assert list(resumed) == [step[1] for step in dealt][2:]
+
+
+def test_deal_by_length_fills_equal_parts_longest_first():
+    sizes = [9, 1, 8, 2, 7, 3]
+    assert deal_by_length(list(range(6)), sizes, 2) == [[0, 5, 3], [2, 4, 1]]  # totals 14 and 16
+    with pytest.raises(ValueError, match="equal parts"):
+        deal_by_length([0, 1, 2], sizes, 2)
 
 
 # --------------------------------------------------------------------------- load_records

@@ -301,6 +301,18 @@ def test_without_packing_and_target_loss(h200):
     assert (both.packed, both.loss, both.kernels, both.recompute_layers) == (False, "hf", "hf", 40)
 
 
+def test_balanced_ranks_need_two_ranks_and_can_be_turned_off(h200):
+    from accelbench.report.result import optimizations
+
+    line = "ranks: each step's samples dealt by length"
+    four = build_plan(h200, case="llava1.5-13b", stage="finetune", nproc=4)
+    assert four.balanced_ranks and four.to_dict()["balanced_ranks"] is True and line in optimizations({"f": four})
+    one = build_plan(h200, case="llava1.5-13b", stage="finetune", nproc=1)
+    assert not one.balanced_ranks and line not in optimizations({"f": one})  # one rank: nothing to balance
+    off = build_plan(h200, case="llava1.5-13b", stage="finetune", nproc=4, without=["balanced-ranks"])
+    assert off.to_dict()["balanced_ranks"] is False
+
+
 def test_without_compiled_layers_takes_the_next_kernel_set(h200):
     plan = _pretrain13(h200, without=["compiled-layers"])
     assert plan.kernels == "liger" and any("inductor" in n and "--without compiled-layers" in n for n in plan.notes)
@@ -372,8 +384,7 @@ def test_parse_recompute():
         with pytest.raises(ConfigError):
             parse_recompute(bad, 40)
     assert set(LEVERS) == {"packing", "selective-recompute", "batch-recompute", "target-loss", "fused-kernels",
-                           "compiled-layers",
-                           "loader-workers", "zero3-buckets"}
+                           "compiled-layers", "loader-workers", "zero3-buckets", "balanced-ranks"}
 
 
 def test_refit_with_the_data_bound_replaces_the_record(h200):

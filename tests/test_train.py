@@ -64,6 +64,22 @@ def test_two_processes_gloo(tmp_path):
         entry = result["stages"][stage]
         assert entry["plan"]["zero_stage"] == zero and entry["batch"]["GBS"] == 2 * entry["batch"]["LBS"]
         assert entry["metrics"]["steps"] == 4
+        assert entry["plan"]["balanced_ranks"] is True
+    # lever balanced-ranks deals each step's samples to the ranks by length: the same samples train each step,
+    # so the losses (the global token mean) and token counts equal those of LLaVA's order
+    out = _accelbench("run", "--nproc-per-node", "2", "--steps", "4", "--no-eval", "--out", str(tmp_path / "llava"),
+                      "--without", "balanced-ranks", tmp_path=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    llava = json.loads((tmp_path / "llava" / "result.json").read_text())
+    assert llava["stages"]["finetune"]["plan"]["balanced_ranks"] is False
+
+    def steps(run: str) -> list[dict]:
+        return [json.loads(line) for line in (tmp_path / run / "events.jsonl").read_text().splitlines()]
+
+    for dealt, ordered in zip(steps("r"), steps("llava"), strict=True):
+        assert (dealt["stage"], dealt["step"], dealt["real_tokens"]) == \
+            (ordered["stage"], ordered["step"], ordered["real_tokens"])
+        assert dealt["loss"] == pytest.approx(ordered["loss"], rel=1e-5)
 
 
 def _free_port() -> int:

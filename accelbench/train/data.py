@@ -515,6 +515,22 @@ def modality_length_grouped_indices(lengths: Sequence[int], batch_size: int, wor
     return [i for mega in megas for i in mega]
 
 
+def deal_by_length(indices: list[int], lengths: Sequence[int], parts: int) -> list[list[int]]:
+    """``indices`` dealt into ``parts`` equal-sized lists of similar total length: longest first, each to the
+    list with the least total so far that still has room (ties: the lower index, the first list). Deterministic,
+    so every rank computes the same deal."""
+    size = len(indices) // parts
+    if size * parts != len(indices):
+        raise ValueError(f"{len(indices)} samples cannot be dealt into {parts} equal parts")
+    dealt: list[list[int]] = [[] for _ in range(parts)]
+    totals = [0] * parts
+    for index in sorted(indices, key=lambda i: (-lengths[i], i)):
+        part = min((p for p in range(parts) if len(dealt[p]) < size), key=lambda p: (totals[p], p))
+        dealt[part].append(index)
+        totals[part] += lengths[index]
+    return dealt
+
+
 class LengthGroupedSampler(Sampler[list[int]]):
     """Batch sampler: this rank's batches of LLaVA's length-grouped order.
 
@@ -523,11 +539,15 @@ class LengthGroupedSampler(Sampler[list[int]]):
     every rank one similar-length batch. The order is padded by wrapping around so all
     ranks get the same number of full batches. Deterministic in (seed, epoch); resume
     with ``set_epoch(epoch, start_index=batches_done_this_epoch)``.
+
+    ``balance_ranks`` (lever "balanced-ranks"): the ``world_size`` batches that run side by side are dealt again
+    by length (``deal_by_length``), so that the ranks' token counts are close in every step, the last (mixed)
+    megabatch included, which LLaVA leaves in index order. A step trains on the same samples either way.
     """
 
     def __init__(self, lengths: Sequence[int], batch_size: int, world_size: int = 1, rank: int = 0,
                  seed: int = 0, group_by_modality: bool = True, *, epoch: int = 0,
-                 start_index: int = 0) -> None:
+                 start_index: int = 0, balance_ranks: bool = False) -> None:
         if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"bad sampler shape: batch_size={batch_size} world_size={world_size} rank={rank}")
         if not lengths:
@@ -536,6 +556,7 @@ class LengthGroupedSampler(Sampler[list[int]]):
         self.batch_size, self.world_size, self.rank = batch_size, world_size, rank
         self.seed, self.group_by_modality = seed, group_by_modality
         self.epoch, self.start_index = epoch, start_index
+        self.balance_ranks = balance_ranks
 
     def set_epoch(self, epoch: int, start_index: int = 0) -> None:
         self.epoch, self.start_index = epoch, start_index
@@ -560,6 +581,11 @@ class LengthGroupedSampler(Sampler[list[int]]):
     def rank_batches(self) -> list[list[int]]:
         order = self.global_order()
         batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        if self.balance_ranks and self.world_size > 1:
+            sizes = [abs(n) for n in self.lengths]
+            batches = [dealt for step in range(0, len(batches), self.world_size)
+                       for dealt in deal_by_length(sum(batches[step:step + self.world_size], []), sizes,
+                                                   self.world_size)]
         return batches[self.rank::self.world_size]
 
     def __iter__(self) -> Iterator[list[int]]:

@@ -94,7 +94,8 @@ class StageRunner:
                                image_tokens=self.preset.vision.image_tokens, image_token_id=self.image_token_id,
                                image_size=self.preset.vision.image_size, model_max_length=self.plan["MPE"])
         sampler = LengthGroupedSampler(dataset.modality_lengths, batch_size=self.plan["LBS"],
-                                       world_size=self.world_size, rank=self.rank, seed=self.cfg.seed)
+                                       world_size=self.world_size, rank=self.rank, seed=self.cfg.seed,
+                                       balance_ranks=self.plan.get("balanced_ranks", False))
         return dataset, sampler, info
 
     # -- model -------------------------------------------------------------------------------
