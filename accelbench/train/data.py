@@ -583,9 +583,9 @@ class LengthGroupedSampler(Sampler[list[int]]):
         batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         if self.balance_ranks and self.world_size > 1:
             sizes = [abs(n) for n in self.lengths]
-            batches = [dealt for step in range(0, len(batches), self.world_size)
-                       for dealt in deal_by_length(sum(batches[step:step + self.world_size], []), sizes,
-                                                   self.world_size)]
+            steps = [[i for batch in batches[k:k + self.world_size] for i in batch]
+                     for k in range(0, len(batches), self.world_size)]
+            batches = [dealt for step in steps for dealt in deal_by_length(step, sizes, self.world_size)]
         return batches[self.rank::self.world_size]
 
     def __iter__(self) -> Iterator[list[int]]:
