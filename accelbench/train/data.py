@@ -516,19 +516,12 @@ def modality_length_grouped_indices(lengths: Sequence[int], batch_size: int, wor
 
 
 def deal_by_length(indices: list[int], lengths: Sequence[int], parts: int) -> list[list[int]]:
-    """``indices`` dealt into ``parts`` equal-sized lists of similar total length: longest first, each to the
-    list with the least total so far that still has room (ties: the lower index, the first list). Deterministic,
-    so every rank computes the same deal."""
-    size = len(indices) // parts
-    if size * parts != len(indices):
+    """``indices`` dealt into ``parts`` equal-sized lists of similar total length: LLaVA's split of a megabatch
+    (``_split_to_even_chunks``: longest first, each to the list with the least total that still has room), on
+    the indices sorted by length, ties by index. Deterministic, so every rank computes the same deal."""
+    if len(indices) % parts:
         raise ValueError(f"{len(indices)} samples cannot be dealt into {parts} equal parts")
-    dealt: list[list[int]] = [[] for _ in range(parts)]
-    totals = [0] * parts
-    for index in sorted(indices, key=lambda i: (-lengths[i], i)):
-        part = min((p for p in range(parts) if len(dealt[p]) < size), key=lambda p: (totals[p], p))
-        dealt[part].append(index)
-        totals[part] += lengths[index]
-    return dealt
+    return _split_to_even_chunks(sorted(indices, key=lambda i: (-lengths[i], i)), lengths, parts)
 
 
 class LengthGroupedSampler(Sampler[list[int]]):
