@@ -28,6 +28,8 @@ LEVERS = {
     "balanced-ranks": "give each rank its batch in LLaVA's order instead of dealing every step's samples to the "
                       "ranks by length",
     "zero3-buckets": "LLaVA's ZeRO-3 bucket sizes (hidden², HF's auto) instead of 5e8-element prefetch and reduce buckets",
+    "lean-step": "DeepSpeed's own ZeRO-3 optimizer step instead of one with the clip factor and the skip flag fused "
+                 "into AdamW",
 }
 
 
@@ -104,6 +106,12 @@ class RunPlan:
         return self.nproc > 1 and "balanced-ranks" not in self.without
 
     @property
+    def lean_step(self) -> bool:
+        """Lever "lean-step": ZeRO-3's optimizer step with fewer passes over memory and no host sync midway
+        (train/zero3_step.py)."""
+        return self.zero_stage == 3 and "lean-step" not in self.without
+
+    @property
     def global_batch(self) -> int:
         return self.micro_batch * self.grad_accum * self.nproc
 
@@ -142,6 +150,7 @@ class RunPlan:
             "recompute_layers": self.recompute_layers, "recompute_table": [list(r) for r in self.recompute_table],
             "micro_batch_tokens": self.micro_batch_tokens,
             "without": list(self.without), "zero3_buckets": self.zero3_buckets, "balanced_ranks": self.balanced_ranks,
+            "lean_step": self.lean_step,
             "ds_overrides": self.deepspeed_overrides(),
             "env": dict(self.env), "adjustments": [a.to_dict() for a in self.adjustments],
             "memory_estimate": self.memory, "usable_memory_bytes": self.usable_memory, "notes": list(self.notes),

@@ -313,6 +313,18 @@ def test_balanced_ranks_need_two_ranks_and_can_be_turned_off(h200):
     assert off.to_dict()["balanced_ranks"] is False
 
 
+def test_the_lean_step_is_zero3s_and_can_be_turned_off(h200):
+    from accelbench.report.result import optimizations
+
+    line = "ZeRO-3 step: gradient clip and skip fused into AdamW"
+    finetune = build_plan(h200, case="llava1.5-13b", stage="finetune", nproc=2)
+    assert finetune.lean_step and finetune.to_dict()["lean_step"] is True and line in optimizations({"f": finetune})
+    pretrain = _pretrain13(h200)  # ZeRO-2 keeps DeepSpeed's step
+    assert not pretrain.lean_step and line not in optimizations({"p": pretrain})
+    off = build_plan(h200, case="llava1.5-13b", stage="finetune", nproc=2, without=["lean-step"])
+    assert off.to_dict()["lean_step"] is False
+
+
 def test_without_compiled_layers_takes_the_next_kernel_set(h200):
     plan = _pretrain13(h200, without=["compiled-layers"])
     assert plan.kernels == "liger" and any("inductor" in n and "--without compiled-layers" in n for n in plan.notes)
@@ -384,7 +396,7 @@ def test_parse_recompute():
         with pytest.raises(ConfigError):
             parse_recompute(bad, 40)
     assert set(LEVERS) == {"packing", "selective-recompute", "batch-recompute", "target-loss", "fused-kernels",
-                           "compiled-layers", "loader-workers", "zero3-buckets", "balanced-ranks"}
+                           "compiled-layers", "loader-workers", "zero3-buckets", "balanced-ranks", "lean-step"}
 
 
 def test_refit_with_the_data_bound_replaces_the_record(h200):

@@ -65,13 +65,17 @@ def test_two_processes_gloo(tmp_path):
         assert entry["plan"]["zero_stage"] == zero and entry["batch"]["GBS"] == 2 * entry["batch"]["LBS"]
         assert entry["metrics"]["steps"] == 4
         assert entry["plan"]["balanced_ranks"] is True
+        assert entry["plan"]["lean_step"] is (zero == 3)
+    assert not [a for a in result["adjustments"] if a["what"] == "lean_step"]  # the lean step did stand in
     # lever balanced-ranks deals each step's samples to the ranks by length: the same samples train each step,
-    # so the losses (the global token mean) and token counts equal those of LLaVA's order
+    # so the losses (the global token mean) and token counts equal those of LLaVA's order; and lever lean-step
+    # updates the weights as DeepSpeed's own ZeRO-3 step does, to rounding
     out = _accelbench("run", "--nproc-per-node", "2", "--steps", "4", "--no-eval", "--out", str(tmp_path / "llava"),
-                      "--without", "balanced-ranks", tmp_path=tmp_path)
+                      "--without", "balanced-ranks,lean-step", tmp_path=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     llava = json.loads((tmp_path / "llava" / "result.json").read_text())
     assert llava["stages"]["finetune"]["plan"]["balanced_ranks"] is False
+    assert llava["stages"]["finetune"]["plan"]["lean_step"] is False
 
     def steps(run: str) -> list[dict]:
         return [json.loads(line) for line in (tmp_path / run / "events.jsonl").read_text().splitlines()]

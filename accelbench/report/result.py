@@ -48,6 +48,7 @@ def optimizations(plans: dict[str, Any]) -> list[str]:
     out |= {f"dtype: {p.dtype}" for p in plans.values()}
     out |= {"no padding: packed micro-batches, varlen attention" for p in plans.values() if p.packed}
     out |= {"ranks: each step's samples dealt by length" for p in plans.values() if p.balanced_ranks}
+    out |= {"ZeRO-3 step: gradient clip and skip fused into AdamW" for p in plans.values() if p.lean_step}
     out |= {f"fused kernels: {p.kernels}" for p in plans.values() if p.kernels != "hf"}
     out |= {"loss: logits at target positions only, chunked" if p.loss == "objective"
             else "loss: transformers' (fp32 logits at every position)" for p in plans.values()}

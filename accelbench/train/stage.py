@@ -10,10 +10,11 @@ from typing import Any
 import torch
 from torch.profiler import record_function
 
+from ..capabilities import Adjustment
 from ..cases import get_preset
 from ..memory import replays_for
 from ..progress import Progress
-from . import checkpoint, faults
+from . import checkpoint, faults, zero3_step
 from .config import RunConfig
 from .objective import LlavaObjective, lm_head_calls
 from .metrics import EventLog, StepRecord, read_step_records, rss_bytes, summarize, warmup_steps
@@ -130,6 +131,11 @@ class StageRunner:
                                    lm_head_calls=lm_head_calls(p.get("micro_batch_tokens") or p["LBS"] * p["MPE"]))
         engine, _, _, _ = deepspeed.initialize(model=objective, optimizer=optimizer,
                                                lr_scheduler=scheduler, config=ds_config)
+        if p.get("lean_step"):
+            reason = zero3_step.install(engine)
+            if reason:  # the plan asked for it; the run says what it got instead
+                self.trainer_adjustments.append(Adjustment("lean_step", True, False, f"DeepSpeed's own ZeRO-3 step: "
+                                                           f"{reason}", "trainer").to_dict())
         return engine, model
 
     def attention_kernel(self) -> str:
