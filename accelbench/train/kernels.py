@@ -49,7 +49,9 @@ def compile_layers(model: Any, name: str) -> int:
     torch._dynamo.reset()
     counters.clear()
     layers = model.model.language_model.layers
-    forward = torch.compile(type(layers[0]).forward, dynamic=True)
+    # Inductor rounds to bf16 wherever eager does, not only at the ends of each fused kernel: its default fp32
+    # intermediates give other numbers, and on one H200 they moved the 7B loss curve after its step-8 spike
+    forward = torch.compile(type(layers[0]).forward, dynamic=True, options={"emulate_precision_casts": True})
     for layer in layers:
         layer.forward = types.MethodType(forward, layer)
     return len(layers)
