@@ -48,7 +48,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--nproc", type=int, default=1, help="GPUs (processes) per path")
     p.add_argument("--seq", type=int, default=2048, help="model_max_length")
     p.add_argument("--fixed-len", type=int, help="every sample exactly this many tokens (one image each), e.g. 1024")
-    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=1, help="runs of each path (with --no-peer: of accelbench); "
+                   "the ablations run once")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--peak-tflops", type=float, default=H200_BF16_PEAK_TFLOPS,
                    help="per-device dense peak for MFU/HFU (default: H200 bf16, 989.4)")
@@ -109,7 +110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{a.repeats} repeat(s), {'fixed ' + str(a.fixed_len) + ' tokens' if a.fixed_len else 'variable lengths'}; "
           f"logs in {out}", flush=True)
     if a.no_peer:
-        results = [cc.attempt(cc.ACCELBENCH, 0, lambda: cc.run_accelbench(s, out, 0, timeout=a.path_timeout))]
+        results = [cc.attempt(cc.ACCELBENCH, r, lambda r=r: cc.run_accelbench(s, out, r, timeout=a.path_timeout))
+                   for r in range(a.repeats)]
     else:
         results = cc.run_interleaved(s, out, a.repeats, peer_torchrun=True, timeout=a.path_timeout)
     ablations = [ablate(s, out, a.without, lever, a.path_timeout) for lever in a.ablate.split(",")
