@@ -183,9 +183,9 @@ def test_image_features_are_the_eager_ones_bit_for_bit():
 
 def test_compiled_layers_give_eagers_loss_and_gradients_bit_for_bit_kept_or_replayed():
     """In bf16, the compiled decoder layers compute eager's numbers: Inductor rounds to bf16 wherever eager does
-    (``emulate_precision_casts``; with its default fp32 intermediates no gradient matched, and on one H200 the 7B
-    loss curve left the peer's after its step-8 spike). Replaying them in backward changes no bit either: lever
-    batch-recompute, which changes the replay count per micro-batch, changes only memory and time."""
+    (``emulate_precision_casts``; with its default fp32 intermediates no gradient matched). Replaying them in
+    backward changes no bit either: lever batch-recompute, which changes the replay count per micro-batch, changes
+    only memory and time."""
     import torch
 
     from accelbench.cases import get_preset
