@@ -57,6 +57,31 @@ def compile_layers(model: Any, name: str) -> int:
     return len(layers)
 
 
+def linears_as_under_zero3_default(model: Any) -> int:
+    """Run the vision tower's and the projector's linear layers through DeepSpeed's ZeRO-3 linear function; returns
+    how many. For a run whose ZeRO-3 config sets ``memory_efficient_linear: false`` (compiled layers need torch's
+    own linear inside their graphs, ``ds_config.COMPILED_LAYERS``).
+
+    By default ZeRO-3 replaces ``nn.functional.linear`` for the whole process with that function, and so it does in
+    the peer and in LLaVA's own training. It adds the bias after the matmul, a second bf16 rounding, where torch's
+    linear adds it inside the GEMM: a bias under half a unit of the last place then never moves an output. With
+    random-init weights the biases start at zero, so the two agree until the projector's biases have trained. The
+    decoder layers and lm_head have no bias, where both give the same bits.
+    """
+    from deepspeed.runtime.zero.linear import zero3_linear_wrap
+
+    import torch
+
+    def forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        return zero3_linear_wrap(x, self.weight, self.bias)
+
+    linears = [m for part in (model.model.vision_tower, model.model.multi_modal_projector) for m in part.modules()
+               if isinstance(m, torch.nn.Linear)]
+    for m in linears:
+        m.forward = types.MethodType(forward, m)
+    return len(linears)
+
+
 def compile_counters() -> dict[str, int]:
     """What torch.compile did in this process since the stage compiled its layers: the graphs it made (a recompile
     makes another) and graph breaks."""

@@ -103,7 +103,7 @@ class StageRunner:
     def build_engine(self, ds_config: dict[str, Any]) -> tuple[Any, Any]:
         import deepspeed
 
-        from .kernels import apply_kernels, compile_layers
+        from .kernels import apply_kernels, compile_layers, linears_as_under_zero3_default
         from .model import WeightPaths, build_model, enable_checkpointing, freeze_for_stage, load_projector
 
         apply_kernels(self.plan.get("kernels", "hf"))  # replaces module classes: before the build
@@ -124,6 +124,8 @@ class StageRunner:
         if self.plan["gradient_checkpointing"]:
             enable_checkpointing(model, self.plan.get("recompute_layers"))
         self.compiled_layers = compile_layers(model, self.plan.get("kernels", "hf"))
+        if zero3 is not None and not zero3.get("zero_optimization", {}).get("memory_efficient_linear", True):
+            linears_as_under_zero3_default(model)  # image features round as in the peer
         optimizer = adamw(trainable, self.plan["lr"])
         scheduler = cosine_with_warmup(optimizer, self.cfg.steps[self.stage])
         p = self.plan
