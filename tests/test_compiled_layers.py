@@ -20,7 +20,10 @@ LENGTHS = ((30, 22), (41, 17), (25, 36))  # two samples per rank and step: the C
 TABLE = [[84, 0], [90, 1], [1000, 2]]
 
 
-def _child(kernels: str, out: str, dtype: str = "fp32") -> None:
+def _child(kernels: str, out: str, dtype: str = "fp32", zero: str = "units", linears: str = "zero3") -> None:
+    """One run. ``zero``: "units" (each decoder layer a fetch unit, torch's linear: ds_config.COMPILED_LAYERS) or
+    "default" (DeepSpeed's, the peer's; then every micro-batch replays 2 layers, since ZeRO-3 must see the same
+    modules on every rank); ``linears``: "zero3" (the trainer's choice for "units") or "torch"."""
     import deepspeed
     import torch
     from deepspeed.accelerator import set_accelerator
@@ -44,14 +47,15 @@ def _child(kernels: str, out: str, dtype: str = "fp32") -> None:
 
     preset = get_preset("tiny")
     config = deepspeed_config(zero_stage=3, micro_batch=2, grad_accum=1, world_size=2, dtype=dtype,
-                              hidden_size=preset.llm.hidden, overrides=tuned_overrides(False, None, compiled_layers=True))
+                              hidden_size=preset.llm.hidden, overrides=tuned_overrides(False, None, compiled_layers=zero == "units"))
     torch.manual_seed(0)
     model = build_model(preset, image_token_id=IMAGE_TOKEN, pad_token_id=0, dtype=dtype, attn_implementation=register(),
                         device=torch.device("cpu"), zero3_config=config)
     trainable = freeze_for_stage(model, "finetune")
     enable_checkpointing(model, 2)
     compiled = compile_layers(model, kernels)
-    linears_as_under_zero3_default(model)  # as the trainer does where the config turns memory_efficient_linear off
+    if zero == "units" and linears == "zero3":  # as the trainer does where memory_efficient_linear is off
+        linears_as_under_zero3_default(model)
     optimizer = torch.optim.AdamW(trainable, lr=3e-3)
     engine, _, _, _ = deepspeed.initialize(model=LlavaObjective(model, uniform_calls=True, lm_head_calls=1),
                                            optimizer=optimizer, config=config)
@@ -70,7 +74,7 @@ def _child(kernels: str, out: str, dtype: str = "fp32") -> None:
                 "pixel_values": torch.randn(3, size, size, generator=g)}
 
     # what StageRunner._replays reads
-    stage = SimpleNamespace(plan={"gradient_checkpointing": True, "recompute_layers": 2, "recompute_table": TABLE},
+    stage = SimpleNamespace(plan={"gradient_checkpointing": True, "recompute_layers": 2, "recompute_table": TABLE if zero == "units" else [[1000, 2]]},
                             preset=preset)
     steps, replays = [], []
     for n, lengths in enumerate(LENGTHS):
@@ -268,4 +272,4 @@ def test_compiled_layers_give_eagers_loss_and_gradients_bit_for_bit_kept_or_repl
 
 
 if __name__ == "__main__":
-    _child(*sys.argv[1:])  # kernels, output path[, dtype]: bf16 by hand (docs/performance.md, "Loss curves")
+    _child(*sys.argv[1:])  # kernels, output path[, dtype, zero, linears]: by hand in docs/performance.md
