@@ -54,8 +54,8 @@ def _child(kernels: str, out: str, dtype: str = "fp32", zero: str = "units", lin
     trainable = freeze_for_stage(model, "finetune")
     enable_checkpointing(model, 2)
     compiled = compile_layers(model, kernels)
-    if zero == "units" and linears == "zero3":  # as the trainer does where memory_efficient_linear is off
-        linears_as_under_zero3_default(model)
+    if linears == "zero3":  # as the trainer does
+        linears_as_under_zero3_default(model, config)
     optimizer = torch.optim.AdamW(trainable, lr=3e-3)
     engine, _, _, _ = deepspeed.initialize(model=LlavaObjective(model, uniform_calls=True, lm_head_calls=1),
                                            optimizer=optimizer, config=config)
@@ -175,8 +175,13 @@ def test_projector_and_tower_linears_add_the_bias_as_zero3_does():
     torch_out, zero3_out = torch.nn.functional.linear(features, linear.weight, linear.bias), \
         zero3_linear_wrap(features, linear.weight, linear.bias)
     assert not torch.equal(torch_out, zero3_out)  # the two roundings differ here: the check below can fail
+    # only where the ZeRO-3 config leaves torch's linear in place; by default ZeRO-3 replaces it everywhere itself
+    assert linears_as_under_zero3_default(model, None) == 0
+    assert linears_as_under_zero3_default(model, {"zero_optimization": {"stage": 3}}) == 0
+    assert torch.equal(linear(features), torch_out)
     clip_linears = sum(isinstance(m, torch.nn.Linear) for m in model.model.vision_tower.modules())
-    assert linears_as_under_zero3_default(model) == clip_linears + 2  # the tower's and the projector's two
+    units = {"zero_optimization": {"stage": 3, "memory_efficient_linear": False}}
+    assert linears_as_under_zero3_default(model, units) == clip_linears + 2  # the tower's and the projector's two
     out = linear(features.requires_grad_(True))
     assert torch.equal(out, zero3_out)
     out.float().sum().backward()  # and the projector still trains

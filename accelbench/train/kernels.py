@@ -57,10 +57,10 @@ def compile_layers(model: Any, name: str) -> int:
     return len(layers)
 
 
-def linears_as_under_zero3_default(model: Any) -> int:
-    """Run the vision tower's and the projector's linear layers through DeepSpeed's ZeRO-3 linear function; returns
-    how many. For a run whose ZeRO-3 config sets ``memory_efficient_linear: false`` (compiled layers need torch's
-    own linear inside their graphs, ``ds_config.COMPILED_LAYERS``).
+def linears_as_under_zero3_default(model: Any, zero3_config: dict[str, Any] | None) -> int:
+    """Where ``zero3_config`` (a ZeRO-3 run's DeepSpeed config) sets ``memory_efficient_linear: false`` -- compiled
+    layers need torch's own linear inside their graphs (``ds_config.COMPILED_LAYERS``) -- run the vision tower's
+    and the projector's linear layers through DeepSpeed's ZeRO-3 linear function; returns how many (0 elsewhere).
 
     By default ZeRO-3 replaces ``nn.functional.linear`` for the whole process with that function, and so it does in
     the peer and in LLaVA's own training. It adds the bias after the matmul, a second bf16 rounding, where torch's
@@ -68,6 +68,8 @@ def linears_as_under_zero3_default(model: Any) -> int:
     random-init weights the biases start at zero, so the two agree until the projector's biases have trained. The
     decoder layers and lm_head have no bias, where both give the same bits.
     """
+    if zero3_config is None or zero3_config.get("zero_optimization", {}).get("memory_efficient_linear", True):
+        return 0  # no ZeRO-3, or ZeRO-3 replaces nn.functional.linear everywhere itself
     from deepspeed.runtime.zero.linear import zero3_linear_wrap
 
     import torch

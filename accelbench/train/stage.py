@@ -124,8 +124,7 @@ class StageRunner:
         if self.plan["gradient_checkpointing"]:
             enable_checkpointing(model, self.plan.get("recompute_layers"))
         self.compiled_layers = compile_layers(model, self.plan.get("kernels", "hf"))
-        if zero3 is not None and not zero3.get("zero_optimization", {}).get("memory_efficient_linear", True):
-            linears_as_under_zero3_default(model)  # image features round as in the peer
+        linears_as_under_zero3_default(model, zero3)  # image features round as in the peer
         optimizer = adamw(trainable, self.plan["lr"])
         scheduler = cosine_with_warmup(optimizer, self.cfg.steps[self.stage])
         p = self.plan
