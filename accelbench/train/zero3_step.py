@@ -4,8 +4,8 @@ DeepSpeed's stage-3 step makes, for every trainable parameter, a float32 copy of
 gradient's norm; it then concatenates each sub-group's gradients, casts the result to float32, multiplies it by
 the clip factor in a pass of its own, and runs AdamW. In between it asks the host whether the norm is finite,
 which waits for the device, and the kernels after it start from an empty queue. On one H200 (7B finetune) that
-step took 0.164 s of kernels and 0.042 s of idle time of a 1.200 s step; this one, 0.098 and 0.031 s
-(docs/performance-history.md).
+step took 0.164 s on the device (first to last kernel) and had 0.042 s of idle time, of a 1.200 s step; this
+one, 0.098 and 0.031 s (docs/performance-history.md).
 
 This step computes the same update with
   * one norm kernel per sub-group, over its gradients as they lie in ZeRO-3's flat partition buffer (bf16 read,
