@@ -47,7 +47,8 @@ def _child(kernels: str, out: str, dtype: str = "fp32", zero: str = "units", lin
 
     preset = get_preset("tiny")
     config = deepspeed_config(zero_stage=3, micro_batch=2, grad_accum=1, world_size=2, dtype=dtype,
-                              hidden_size=preset.llm.hidden, overrides=tuned_overrides(False, None, compiled_layers=zero == "units"))
+                              hidden_size=preset.llm.hidden,
+                              overrides=tuned_overrides(False, None, compiled_layers=zero == "units"))
     torch.manual_seed(0)
     model = build_model(preset, image_token_id=IMAGE_TOKEN, pad_token_id=0, dtype=dtype, attn_implementation=register(),
                         device=torch.device("cpu"), zero3_config=config)
@@ -74,7 +75,8 @@ def _child(kernels: str, out: str, dtype: str = "fp32", zero: str = "units", lin
                 "pixel_values": torch.randn(3, size, size, generator=g)}
 
     # what StageRunner._replays reads
-    stage = SimpleNamespace(plan={"gradient_checkpointing": True, "recompute_layers": 2, "recompute_table": TABLE if zero == "units" else [[1000, 2]]},
+    table = TABLE if zero == "units" else [[1000, 2]]
+    stage = SimpleNamespace(plan={"gradient_checkpointing": True, "recompute_layers": 2, "recompute_table": table},
                             preset=preset)
     steps, replays = [], []
     for n, lengths in enumerate(LENGTHS):
