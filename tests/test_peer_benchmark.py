@@ -224,3 +224,39 @@ def test_loss_check_treats_gaps_under_its_resolution_as_equal() -> None:
     exact = [curve("accelbench #1", "accelbench", (5.0, 4.0)), curve("accelbench #2", "accelbench", (5.0, 4.0))]
     assert loss_check.check([*exact, curve("peer", "hf-trainer", (5.0, 4.0001))]).within  # 2.5e-5: fp32 rounding
     assert not loss_check.check([*exact, curve("peer", "hf-trainer", (5.0, 4.01))]).within
+
+
+def test_loss_groups_compares_the_mean_curves_of_every_two_groups_of_runs(tmp_path: Path, capsys) -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks" / "gpu"))
+    try:
+        import loss_groups
+    finally:
+        del sys.path[0]
+
+    def call(name: str, runs: dict[str, list[float]]) -> str:
+        f = tmp_path / f"{name}.json"
+        f.write_text(json.dumps([{"path": path, "repeat": i, "step_losses": [4.0, 3.0, final]}
+                                 for path, finals in runs.items() for i, final in enumerate(finals)]))
+        return str(f)
+
+    first = call("first", {"accelbench": [2.0, 2.05], "hf-trainer": [2.6, 2.65]})
+    second = call("second", {"accelbench": [2.1, 2.15], "hf-trainer": [2.7, 2.75]})
+    other = call("other", {"accelbench --without compiled-layers": [2.3, 2.4, 2.6, 2.8]})
+    assert loss_groups.main(["--group", "mine", f"{first}:accelbench", f"{second}:accelbench",
+                             "--group", "peer", f"{first}:hf-trainer", f"{second}:hf-trainer",
+                             "--group", "eager", other]) == 0
+    out = capsys.readouterr().out
+    assert "step | mine (4 runs) | peer (4 runs) | eager (4 runs)" in out
+    assert "3 | 2.0750 ± 0.0645 | 2.6750 ± 0.0645 | 2.5250 ± 0.2217" in out
+    # each group's every run under the other's: only the observed split and its mirror are this extreme
+    line = next(x for x in out.splitlines() if x.startswith("mine vs peer:"))
+    assert line.startswith("mine vs peer: means 22.43% apart at most (step 3);") and line.endswith("p = 0.029")
+    assert "peer vs eager: means 5.94% apart at most (step 3);" in out
+    with pytest.raises(SystemExit, match="no runs with losses of path 'hf-trainer' in .*other.json"):
+        loss_groups.main(["--group", "a", first, "--group", "b", f"{other}:hf-trainer"])
+    short = tmp_path / "short.json"
+    short.write_text(json.dumps([{"path": "accelbench", "repeat": 0, "step_losses": [4.0, 3.0]}]))
+    with pytest.raises(SystemExit, match="different numbers of steps"):
+        loss_groups.main(["--group", "a", first, "--group", "b", str(short)])
+    with pytest.raises(SystemExit):
+        loss_groups.main(["--group", "only", first])
