@@ -1,15 +1,18 @@
 """How far each decoder-layer kernel set lands from a float32 reference, on one packed row.
 
 The 20-step loss check on one H200 found accelbench's compiled plan off the peer after the loss spike while its
-eager plan tracked it. This runs one Llama decoder layer (7B's widths) forward and backward on a packed row with
-the same weights and inputs in four forms: transformers' modules in float32 (the reference, SDPA with a
-block-diagonal causal mask), the same in bf16 eager (what the peer runs, with accelbench's varlen attention),
-bf16 compiled as the "inductor" kernel set compiles it (kept and replayed, and without Inductor's eager rounding), and bf16 with Liger's kernels (the eager plan). For the
-output, the input's gradient and each parameter's gradient it prints the relative error against the reference
-(||x - ref|| / ||ref||) and the cosine. A kernel set that only rounds differently lands as far as bf16 eager does.
+eager plan tracked it. This runs one Llama decoder layer (7B's widths) forward and backward on a packed row, with
+the same weights and inputs each time:
+- transformers' modules in float32: the reference (SDPA with a block-diagonal causal mask);
+- the same in bf16, eager, with accelbench's varlen attention (what the peer runs);
+- bf16 compiled as the "inductor" kernel set compiles it: kept, replayed, and without Inductor's eager rounding;
+- bf16 with Liger's kernels (the eager plan; GPU only).
+For the output, the input's gradient and each parameter's gradient it prints the relative error against the
+reference (||x - ref|| / ||ref||) and the cosine. A kernel set that only rounds differently lands as far as bf16
+eager does.
 
     PYTHONPATH=/tmp/site python3 benchmarks/gpu/layer_numerics.py            # GPU: 7B widths, 8192 tokens
-    python benchmarks/gpu/layer_numerics.py --hidden 256 --tokens 512        # CPU: a small layer, no Liger
+    python benchmarks/gpu/layer_numerics.py --hidden 256 --inter 688 --tokens 512   # CPU: a small layer, no Liger
 """
 from __future__ import annotations
 
@@ -89,11 +92,10 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    heads = args.heads if args.hidden % args.heads == 0 else 4
     varlen_name = varlen_attention.register()
     row = packed_row(args.tokens, args.samples, args.hidden, device, args.seed)
 
-    ref_layer, rope = build_layer(args.hidden, heads, args.inter, "sdpa", args.seed)
+    ref_layer, rope = build_layer(args.hidden, args.heads, args.inter, "sdpa", args.seed)
     ref_layer, rope = ref_layer.to(device), rope.to(device)
     ref = run(ref_layer, rope, row, torch.float32, varlen=False)
     bf16 = copy.deepcopy(ref_layer).to(torch.bfloat16)
@@ -118,7 +120,7 @@ def main() -> int:
         from accelbench.train.kernels import apply_kernels
 
         apply_kernels("liger")
-        liger, _ = build_layer(args.hidden, heads, args.inter, varlen_name, args.seed)
+        liger, _ = build_layer(args.hidden, args.heads, args.inter, varlen_name, args.seed)
         liger = liger.to(device, torch.bfloat16)
         liger.load_state_dict(bf16.state_dict())
         results["bf16 eager (liger)"] = compare(run(liger, rope, row, torch.bfloat16, varlen=True), ref)

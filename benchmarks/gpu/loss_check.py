@@ -210,7 +210,7 @@ def check(curves: Iterable[Curve]) -> Verdict:
 SETTING_KEYS = ("case", "stage", "world_size", "micro_batch", "grad_accum", "steps")
 
 
-def _read_runs(f: Path) -> list[dict]:
+def read_runs(f: Path) -> list[dict]:
     try:
         runs = json.loads(Path(f).read_text())
     except (OSError, ValueError) as e:  # ValueError: bad JSON or not text at all
@@ -242,7 +242,7 @@ def curves_from_json(files: Sequence[Path]) -> list[Curve]:
     out: list[Curve] = []
     steps, setting = None, None
     for f in files:
-        runs = _read_runs(f)
+        runs = read_runs(f)
         peer = next((r["summary"] for r in runs if r["path"] == PEER and isinstance(r.get("summary"), dict)), None)
         if peer is not None:
             this = {k: peer.get(k) for k in SETTING_KEYS}

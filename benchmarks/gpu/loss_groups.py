@@ -31,7 +31,7 @@ def group_runs(name: str, specs: Sequence[str]) -> list[loss_check.Curve]:
     out: list[loss_check.Curve] = []
     for spec in specs:
         file, _, path = spec.partition(":")
-        runs = loss_check._read_runs(Path(file))
+        runs = loss_check.read_runs(Path(file))
         picked = [c for c in loss_check.curves(runs, file) if not path or c.path == path]
         if not picked:
             paths = sorted({r["path"] for r in runs})
