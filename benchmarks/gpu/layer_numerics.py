@@ -75,10 +75,9 @@ def run(layer: Any, rope: Any, row: dict[str, Any], dtype: torch.dtype, varlen: 
 def compare(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> dict[str, list[float]]:
     out = {}
     for name, r in ref.items():
-        d = got[name].flatten().double() - r.flatten().double()
-        rel = float(d.norm() / r.double().norm())
-        cos = float(torch.nn.functional.cosine_similarity(got[name].flatten().double(), r.flatten().double(), dim=0))
-        out[name] = [rel, cos]
+        x, want = got[name].flatten().double(), r.flatten().double()
+        out[name] = [float((x - want).norm() / want.norm()),
+                     float(torch.nn.functional.cosine_similarity(x, want, dim=0))]
     return out
 
 

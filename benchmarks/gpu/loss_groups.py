@@ -38,18 +38,12 @@ def group_runs(name: str, specs: Sequence[str]) -> list[loss_check.Curve]:
             raise SystemExit(f"{spec}: no runs with losses{f' of path {path!r}' if path else ''} in {file} "
                              f"(its paths: {', '.join(paths)})")
         out += [loss_check.Curve(f"{name}: {c.label}", name, c.losses) for c in picked]
-    steps = {len(c.losses) for c in out}
-    if len(steps) > 1:
-        raise SystemExit(f"group {name}: runs of {sorted(steps)} steps; give runs of the same --steps")
     return out
 
 
-def largest_mean_gap(a: Sequence[loss_check.Curve], b: Sequence[loss_check.Curve]) -> tuple[float, int]:
-    """The largest over the steps of |mean(a) - mean(b)| / mean(b), and its 1-based step."""
-    gaps = [abs(statistics.fmean(x) - statistics.fmean(y)) / statistics.fmean(y)
-            for x, y in zip(zip(*(c.losses for c in a)), zip(*(c.losses for c in b)))]
-    step = max(range(len(gaps)), key=gaps.__getitem__)
-    return gaps[step], step + 1
+def mean_curve(name: str, runs: Sequence[loss_check.Curve]) -> loss_check.Curve:
+    """The group's mean loss at every step, as one curve."""
+    return loss_check.Curve(f"{name} mean", name, tuple(statistics.fmean(x) for x in zip(*(c.losses for c in runs))))
 
 
 def report(groups: dict[str, list[loss_check.Curve]]) -> str:
@@ -64,11 +58,11 @@ def report(groups: dict[str, list[loss_check.Curve]]) -> str:
         lines.append(f"{s + 1} | " + " | ".join(cells))
     lines.append("")
     for a, b in itertools.combinations(names, 2):
-        gap, step = largest_mean_gap(groups[a], groups[b])
+        gap = loss_check.largest_gap(mean_curve(a, groups[a]), mean_curve(b, groups[b]))
         test = loss_check.mean_test(groups[a], groups[b])
         tested = (f"largest gap {test.statistic:.2f} standard errors (step {test.step}), permutation p = {test.p:.3f}"
                   if test else f"no permutation test (fewer than {loss_check.MIN_RUNS} runs in a group)")
-        lines.append(f"{a} vs {b}: means {gap:.2%} apart at most (step {step}); {tested}")
+        lines.append(f"{a} vs {b}: means {gap.value:.2%} apart at most (step {gap.step}); {tested}")
     return "\n".join(lines)
 
 
@@ -80,8 +74,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(a.group) < 2 or any(len(g) < 2 for g in a.group):
         p.error("give two or more --group NAME FILE[:PATH]..., each with a name and at least one FILE")
     groups = {g[0]: group_runs(g[0], g[1:]) for g in a.group}
-    if len({len(c[0].losses) for c in groups.values()}) > 1:
-        raise SystemExit("the groups' runs have different numbers of steps; give runs of the same --steps")
+    steps = {len(c.losses) for runs in groups.values() for c in runs}
+    if len(steps) > 1:
+        raise SystemExit(f"the groups' runs have different numbers of steps ({', '.join(map(str, sorted(steps)))}); "
+                         "give runs of the same --steps")
     print(report(groups))
     return 0
 
