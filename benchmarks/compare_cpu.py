@@ -50,6 +50,7 @@ class Settings:
     accelbench_args: tuple[str, ...] = ()  # e.g. ("--without", "packing") for an ablation run
     ds_config: str | None = None  # a DeepSpeed JSON both paths merge over the shared config (the same ZeRO tuning)
     peer_args: tuple[str, ...] = ()  # set from accelbench's resolved plan (same_zero_config)
+    peer_options: tuple[str, ...] = ()  # the peer's own rounding variant, e.g. ("--attn", "eager")
 
 
 @dataclass
@@ -137,7 +138,7 @@ def run_peer(s: Settings, out: Path, repeat: int, timeout: float = 1800, torchru
         args += ["--data", s.data]
     if s.ds_config:
         args += ["--ds-config", s.ds_config]
-    args += list(s.peer_args)
+    args += [*s.peer_options, *s.peer_args]
     if torchrun if torchrun is not None else s.nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(s.nproc),
                str(PEER_SCRIPT), *args]

@@ -60,6 +60,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--llava-zero3-buckets", action="store_true",
                    help="LLaVA's ZeRO-3 bucket sizes (hidden²) instead of the 5e8-element ones accelbench's plan uses")
     p.add_argument("--backend", help="accelbench backend whose DeepSpeed accelerator to install (default: auto)")
+    # two documented options that change only rounding: the peer's own rounding variants for the loss check
+    p.add_argument("--attn", default="sdpa", choices=("sdpa", "eager"),
+                   help="attn_implementation (default sdpa, the peer's; eager: transformers' matmul-softmax-matmul)")
+    p.add_argument("--optim", default="adamw_torch_fused", choices=("adamw_torch_fused", "adamw_torch"),
+                   help="TrainingArguments.optim (default adamw_torch_fused, the Trainer's; adamw_torch: "
+                        "torch's foreach AdamW)")
     p.add_argument("--workers", type=int, default=0,
                    help="dataloader_num_workers (default 0, as accelbench; LLaVA's scripts use 4)")
     p.add_argument("--schedule", default="hf", choices=("hf", "accelbench"),
@@ -375,7 +381,7 @@ def training_arguments(args: argparse.Namespace, *, mbs: int, lr: float, dtype: 
         output_dir=args.out, per_device_train_batch_size=mbs, gradient_accumulation_steps=args.gas,
         max_steps=args.steps, learning_rate=lr, weight_decay=0.0, lr_scheduler_type="cosine",
         max_grad_norm=1.0, bf16=dtype == "bf16", deepspeed=ds_config, seed=args.seed, data_seed=args.seed,
-        dataloader_num_workers=args.workers, remove_unused_columns=False, save_strategy="no",
+        dataloader_num_workers=args.workers, remove_unused_columns=False, optim=args.optim, save_strategy="no",
         report_to="none", disable_tqdm=True,
     )
     # warm-up ratio 0.03: `warmup_ratio` in older 5.x, a fractional `warmup_steps` in newer
@@ -383,9 +389,10 @@ def training_arguments(args: argparse.Namespace, *, mbs: int, lr: float, dtype: 
     kw["activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"] = True
     if on_cuda:
         kw["tf32"] = True  # LLaVA's scripts pass --tf32 True
-    elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # accelerate counts CPU processes only with use_cpu (else it reports world size 1 and the
-        # Trainer's batch arithmetic disagrees with the DeepSpeed config); the engine is still DeepSpeed's.
+    else:
+        # accelerate counts CPU processes only with use_cpu (else it reports world size 1 and the Trainer's batch
+        # arithmetic disagrees with the DeepSpeed config), and transformers refuses bf16 (a CPU with native bf16:
+        # AVX512-BF16, AMX) without it; the engine is still DeepSpeed's.
         kw["use_cpu"] = True
     if "eval_strategy" in fields:
         kw["eval_strategy"] = "no"
@@ -445,7 +452,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
 
     torch.manual_seed(args.seed)  # same random init as accelbench's rank (seeded right before its model build)
     model = build_model(preset, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-                        pad_token_id=tokenizer.pad_token_id, dtype=dtype, attn_implementation="sdpa",
+                        pad_token_id=tokenizer.pad_token_id, dtype=dtype, attn_implementation=args.attn,
                         device=device, zero3_config=ds_config if zero_stage == 3 else None)
     freeze_for_stage(model, args.stage)
 
@@ -472,7 +479,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     summary.update({
         "path": "hf_trainer", "case": args.case, "stage": args.stage, "world_size": world, "micro_batch": mbs,
         "grad_accum": args.gas, "dtype": dtype, "zero_stage": zero_stage, "lr": lr, "optim": str(targs.optim),
-        "attn_implementation": "sdpa", "data": {k: data[k] for k in ("finetune_json", "pretrain_json", "tokenizer")},
+        "attn_implementation": args.attn, "data": {k: data[k] for k in ("finetune_json", "pretrain_json", "tokenizer")},
         "lr_schedule": args.schedule, "versions": versions(), "engine": type(trainer.model_wrapped).__name__,
         "deepspeed_config": trainer.accelerator.state.deepspeed_plugin.deepspeed_config,
         "losses": [r.loss for r in records], "step_times": [r.time_s for r in records],

@@ -59,6 +59,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ablate", default="", metavar="LEVER[,LEVER]",
                    help="after the pair, one accelbench run per lever with `--without LEVER` (accelbench.plan.LEVERS)")
     p.add_argument("--no-peer", action="store_true", help="accelbench (and its ablations) only")
+    p.add_argument("--no-accelbench", action="store_true",
+                   help="the peer only (--repeats runs), with the 5e8-element ZeRO-3 buckets of accelbench's plan")
+    # the peer's rounding variants, for the loss check's tolerance (hf_peer.py --attn / --optim)
+    p.add_argument("--peer-attn", choices=("sdpa", "eager"), help="the peer's attn_implementation (default sdpa)")
+    p.add_argument("--peer-optim", choices=("adamw_torch_fused", "adamw_torch"),
+                   help="the peer's TrainingArguments.optim (default adamw_torch_fused, the Trainer's)")
     p.add_argument("--path-timeout", type=float, default=1800,
                    help="seconds one path may run before it is recorded as failed and the table printed anyway")
     p.add_argument("--without", default="", metavar="LEVER[,LEVER]",
@@ -67,9 +73,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     a = p.parse_args(argv)
     if a.fixed_len and a.data:
         p.error("--fixed-len builds its own data folder: drop --data")
+    if a.no_peer and a.no_accelbench:
+        p.error("--no-peer and --no-accelbench leave nothing to run")
     if a.fixed_len and a.fixed_len > a.seq:
         p.error(f"--fixed-len {a.fixed_len} exceeds --seq {a.seq}")
     return a
+
+
+def peer_options(a: argparse.Namespace) -> tuple[str, ...]:
+    return (*(("--attn", a.peer_attn) if a.peer_attn else ()), *(("--optim", a.peer_optim) if a.peer_optim else ()))
 
 
 def add_utilisation(results: Sequence[cc.RunResult], peak_flops: float) -> None:
@@ -105,12 +117,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                                        seed=a.seed))
     s = cc.Settings(case=a.case, stage=a.stage, steps=a.steps, mbs=a.mbs, gas=a.gas, seq=a.seq, nproc=a.nproc,
                     seed=a.seed, data=data, accelbench_args=("--without", a.without) if a.without else (),
-                    ds_config=str(Path(a.ds_config).resolve()) if a.ds_config else None)
+                    ds_config=str(Path(a.ds_config).resolve()) if a.ds_config else None, peer_options=peer_options(a))
     print(f"{a.case} {a.stage}: {a.nproc} GPU(s), mbs {a.mbs or 'default'}, gas {a.gas}, {a.steps} steps x "
           f"{a.repeats} repeat(s), {'fixed ' + str(a.fixed_len) + ' tokens' if a.fixed_len else 'variable lengths'}; "
           f"logs in {out}", flush=True)
     if a.no_peer:
         results = [cc.attempt(cc.ACCELBENCH, r, lambda r=r: cc.run_accelbench(s, out, r, timeout=a.path_timeout))
+                   for r in range(a.repeats)]
+    elif a.no_accelbench:
+        results = [cc.attempt(cc.PEER, r, lambda r=r: cc.run_peer(s, out, r, timeout=a.path_timeout, torchrun=True))
                    for r in range(a.repeats)]
     else:
         results = cc.run_interleaved(s, out, a.repeats, peer_torchrun=True, timeout=a.path_timeout)

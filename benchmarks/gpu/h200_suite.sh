@@ -6,7 +6,8 @@
 #         peer-CASE-STAGE (e.g. peer-13b-pretrain, peer-13b-finetune, peer-7b-finetune) and
 #         fixed-CASE-STAGE (every sample 1024 tokens, 576 of them image tokens)
 # ABLATE=lever,lever adds one accelbench run per lever without it (peer-/fixed- phases); NO_PEER=1 skips the
-# peer; STEPS (default 10); MBS (peer-/fixed- phases: micro-batch per GPU, default the stage's LLaVA value);
+# peer; NO_ACCELBENCH=1 runs the peer alone, PEER_ATTN=eager and PEER_OPTIM=adamw_torch its rounding variants
+# (compare_peer.py --peer-attn/--peer-optim); STEPS (default 10); MBS (peer-/fixed- phases: micro-batch per GPU, default the stage's LLaVA value);
 # REPEATS (peer-/fixed- phases: runs of each path, interleaved; with NO_PEER=1 of accelbench; ablations run once;
 # default 1);
 # PROF_STEPS (prof- phases, default 5: steps 3-4 profiled, the later ones not);
@@ -78,7 +79,9 @@ for arg in "$@"; do
       timeout "${PHASE_TIMEOUT:-400}" python3 benchmarks/gpu/compare_peer.py --case "llava1.5-$size" --stage "$stage" \
         --path-timeout "${PATH_TIMEOUT:-$(( ${PHASE_TIMEOUT:-400} / 2 - 10 ))}" \
         --steps "$STEPS" --nproc "$NPROC" ${MBS:+--mbs "$MBS"} ${REPEATS:+--repeats "$REPEATS"} "${fixed[@]}" "${tuned[@]}" --out "/tmp/$label" --json "$OUT/$label.json" \
-        ${WITHOUT:+--without $WITHOUT} ${ABLATE:+--ablate $ABLATE} ${NO_PEER:+--no-peer} 2>&1 | grep -v INFO | tail -24
+        ${WITHOUT:+--without $WITHOUT} ${ABLATE:+--ablate $ABLATE} ${NO_PEER:+--no-peer} \
+        ${NO_ACCELBENCH:+--no-accelbench} ${PEER_ATTN:+--peer-attn $PEER_ATTN} ${PEER_OPTIM:+--peer-optim $PEER_OPTIM} \
+        2>&1 | grep -v INFO | tail -24
       for e in /tmp/"$label"/*/run/events.jsonl; do  # per-step times of every path
         [ -f "$e" ] && cp "$e" "$OUT/$label.$(basename "$(dirname "$(dirname "$e")")").events.jsonl"
       done

@@ -12,6 +12,12 @@ rounding) move the mean curve as far as the peer is from accelbench? Each group 
 It prints each group's mean and standard deviation at every step, then for each pair of groups the largest
 relative gap of the means and the permutation test of ``loss_check.mean_test`` (the first group in the place of
 accelbench). A spec that names no runs, or groups of different run lengths, stop it with an error that says so.
+
+Repeats of one build share its deterministic rounding, so a test over runs separates two builds of one function
+(docs/performance.md, "Loss curves"). ``--between A,B,.. C,D,..`` therefore also tests two *families of builds*,
+each group one build (one code and one set of rounding-only options): the same permutation test, with each build's
+mean curve as one sample, so that its noise is the spread between builds, deterministic rounding included. With
+``loss_check.MIN_RUNS`` builds a family or more it exits 0 when the families are within (p >= ALPHA), 1 when not.
 """
 from __future__ import annotations
 
@@ -66,20 +72,56 @@ def report(groups: dict[str, list[loss_check.Curve]]) -> str:
     return "\n".join(lines)
 
 
+def between(groups: dict[str, list[loss_check.Curve]], first: Sequence[str], second: Sequence[str]) -> tuple[str, int]:
+    """The permutation test of two families of builds over their builds' mean curves, and its exit code (0: within,
+    1: outside, 2: too few builds to test)."""
+    a, b = [mean_curve(n, groups[n]) for n in first], [mean_curve(n, groups[n]) for n in second]
+    lines = [f"families of builds: {', '.join(first)} ({len(a)}) against {', '.join(second)} ({len(b)})"]
+    for name, family in ((first, a), (second, b)):
+        inner = max((loss_check.largest_gap(x, y) for x, y in itertools.combinations(family, 2)),
+                    key=lambda g: g.value, default=None)
+        if inner:
+            lines.append(f"  within {', '.join(name)}: two builds' means {inner.value:.2%} apart at most "
+                         f"({inner.a.path} vs {inner.b.path}, step {inner.step})")
+    gap = loss_check.largest_gap(mean_curve("first", a), mean_curve("second", b))
+    lines.append(f"  the families' means {gap.value:.2%} apart at most (step {gap.step})")
+    test = loss_check.mean_test(a, b)
+    if test is None:
+        lines.append(f"verdict: none: a family has fewer than {loss_check.MIN_RUNS} builds")
+        return "\n".join(lines), 2
+    within = test.p >= loss_check.ALPHA
+    lines.append(f"  over builds: largest gap {test.statistic:.2f} standard errors (step {test.step}), "
+                 f"permutation p = {test.p:.3f}")
+    lines.append(f"verdict: {'within' if within else 'OUTSIDE'} the spread between builds (p >= {loss_check.ALPHA})")
+    return "\n".join(lines), 0 if within else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--group", nargs="+", action="append", required=True, metavar="NAME FILE[:PATH]",
                    help="a group's name, then its runs (FILE or FILE:PATH); give two or more groups")
+    p.add_argument("--between", nargs=2, metavar=("A,B,..", "C,D,.."),
+                   help="also test these two families of builds (group names, each group one build) over their means")
     a = p.parse_args(argv)
     if len(a.group) < 2 or any(len(g) < 2 for g in a.group):
         p.error("give two or more --group NAME FILE[:PATH]..., each with a name and at least one FILE")
+    families = [f.split(",") for f in a.between or ()]
+    unknown = sorted({n for f in families for n in f} - {g[0] for g in a.group})
+    if unknown:
+        p.error(f"--between names no --group {', '.join(unknown)}")
+    if families and set(families[0]) & set(families[1]):
+        p.error("--between: a build cannot be in both families")
     groups = {g[0]: group_runs(g[0], g[1:]) for g in a.group}
     steps = {len(c.losses) for runs in groups.values() for c in runs}
     if len(steps) > 1:
         raise SystemExit(f"the groups' runs have different numbers of steps ({', '.join(map(str, sorted(steps)))}); "
                          "give runs of the same --steps")
     print(report(groups))
-    return 0
+    if not families:
+        return 0
+    text, code = between(groups, *families)
+    print("\n" + text)
+    return code
 
 
 if __name__ == "__main__":
