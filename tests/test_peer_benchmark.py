@@ -38,6 +38,19 @@ def test_peer_runs_tiny_and_reports_finite_throughput_and_loss(tmp_path: Path) -
     assert summary["deepspeed_config"]["zero_optimization"]["stage"] == 3
     assert summary["deepspeed_config"]["zero_allow_untested_optimizer"] is True
     assert "optimizer" not in summary["deepspeed_config"]  # torch AdamW from the Trainer: no FusedAdam JIT
+    assert (summary["attn_implementation"], summary["optim"]) == ("sdpa", "OptimizerNames.ADAMW_TORCH_FUSED")
+    # the peer's rounding variants (the loss check's builds): eager attention and foreach AdamW train the same
+    # function, so the losses agree to the run's rounding
+    variant = tmp_path / "variant"
+    proc = subprocess.run([sys.executable, str(PEER), "--case", "tiny", "--stage", "finetune", "--steps", "3",
+                           "--mbs", "2", "--data", str(data), "--quiet", "--out", str(variant), "--attn", "eager",
+                           "--optim", "adamw_torch"], capture_output=True, text=True, env=env, cwd=str(tmp_path),
+                          timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    other = json.loads((variant / "peer_summary.json").read_text())
+    assert (other["attn_implementation"], other["optim"]) == ("eager", "OptimizerNames.ADAMW_TORCH")
+    rounding = {"fp32": 1e-5, "bf16": 2e-3}[summary["dtype"]]  # bf16 on a CPU with native bf16
+    assert other["losses"] == pytest.approx(summary["losses"], rel=rounding)
 
 
 def _gpu_benchmarks():
@@ -260,3 +273,47 @@ def test_loss_groups_compares_the_mean_curves_of_every_two_groups_of_runs(tmp_pa
         loss_groups.main(["--group", "a", first, "--group", "b", str(short)])
     with pytest.raises(SystemExit):
         loss_groups.main(["--group", "only", first])
+
+
+def test_loss_groups_tests_two_families_of_builds_over_their_means(tmp_path: Path, capsys) -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks" / "gpu"))
+    try:
+        import loss_check
+        import loss_groups
+    finally:
+        del sys.path[0]
+    # the test can fail only where its smallest p is under 5 %: the observed split alone, or with its mirror image
+    assert loss_check.testable(4, 4) and loss_check.testable(4, 3) and loss_check.testable(5, 3)
+    assert not loss_check.testable(3, 3) and not loss_check.testable(6, 1) and not loss_check.testable(2, 2)
+
+    def builds(prefix: str, finals: list[float]) -> list[str]:
+        """One group per build, two runs each, 0.02 apart at the last step."""
+        args = []
+        for i, final in enumerate(finals):
+            f = tmp_path / f"{prefix}{i}.json"
+            f.write_text(json.dumps([{"path": "accelbench", "repeat": r, "step_losses": [4.0, 3.0, final + 0.02 * r]}
+                                     for r in (0, 1)]))
+            args += ["--group", f"{prefix}{i}", str(f)]
+        return args
+
+    mine, theirs = "m0,m1,m2,m3,m4", "p0,p1,p2"
+    # the builds of each family interleave: a spread between builds larger than the families' gap
+    assert loss_groups.main([*builds("m", [2.0, 2.3, 2.1, 2.5, 2.2]), *builds("p", [2.05, 2.4, 2.25]),
+                             "--between", mine, theirs]) == 0
+    out = capsys.readouterr().out
+    assert "families of builds: m0, m1, m2, m3, m4 (5) against p0, p1, p2 (3)" in out
+    assert "within m0, m1, m2, m3, m4: two builds' means 19.92% apart at most (m0 vs m3, step 3)" in out
+    assert "verdict: within the spread between builds" in out
+    # every build of one family under every build of the other: the one most extreme split of 56
+    assert loss_groups.main([*builds("m", [2.0, 2.01, 2.02, 2.03, 2.04]), *builds("p", [2.5, 2.51, 2.52]),
+                             "--between", mine, theirs]) == 1
+    out = capsys.readouterr().out
+    assert "permutation p = 0.018" in out and "verdict: OUTSIDE the spread between builds" in out
+    # three builds against three could never be outside: no verdict
+    assert loss_groups.main([*builds("m", [2.0, 2.01, 2.02]), *builds("p", [2.5, 2.51, 2.52]),
+                             "--between", "m0,m1,m2", theirs]) == 2
+    assert "verdict: none: too few builds for the test to fail" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # argparse: a family names a group that was not given
+        loss_groups.main([*builds("m", [2.0, 2.1]), "--between", "m0,m9", "m1"])
+    with pytest.raises(SystemExit):  # a build in both families
+        loss_groups.main([*builds("m", [2.0, 2.1]), "--between", "m0,m1", "m1"])

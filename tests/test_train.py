@@ -69,7 +69,8 @@ def test_two_processes_gloo(tmp_path):
     assert not [a for a in result["adjustments"] if a["what"] == "lean_step"]  # the lean step did stand in
     # lever balanced-ranks deals each step's samples to the ranks by length: the same samples train each step,
     # so the losses (the global token mean) and token counts equal those of LLaVA's order; and lever lean-step
-    # updates the weights as DeepSpeed's own ZeRO-3 step does, to rounding
+    # updates the weights as DeepSpeed's own ZeRO-3 step does, to rounding: fp32's, or bf16's where the CPU
+    # runs bf16 natively (AVX512-BF16, AMX) and the plan keeps the case's bf16
     out = _accelbench("run", "--nproc-per-node", "2", "--steps", "4", "--no-eval", "--out", str(tmp_path / "llava"),
                       "--without", "balanced-ranks,lean-step", tmp_path=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -80,10 +81,13 @@ def test_two_processes_gloo(tmp_path):
     def steps(run: str) -> list[dict]:
         return [json.loads(line) for line in (tmp_path / run / "events.jsonl").read_text().splitlines()]
 
+    dtype = llava["stages"]["finetune"]["plan"]["dtype"]
+    assert dtype == result["stages"]["finetune"]["plan"]["dtype"]
+    rounding = {"fp32": 1e-5, "bf16": 1e-3}[dtype]  # bf16 keeps 8 bits: an update can round another way
     for dealt, ordered in zip(steps("r"), steps("llava"), strict=True):
         assert (dealt["stage"], dealt["step"], dealt["real_tokens"]) == \
             (ordered["stage"], ordered["step"], ordered["real_tokens"])
-        assert dealt["loss"] == pytest.approx(ordered["loss"], rel=1e-5)
+        assert dealt["loss"] == pytest.approx(ordered["loss"], rel=rounding)
 
 
 def _free_port() -> int:

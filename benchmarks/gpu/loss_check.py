@@ -9,9 +9,9 @@ The **noise floor** is the largest per-step relative loss difference between two
 
 With few runs, the check passes when no accelbench-vs-peer pair differs by more than the floor. That rule pits
 the most extreme pair of runs against each other, so it fails whenever the lowest and the highest curve belong to
-different paths: for runs of one process split at random, half the time or more (``--simulate``). With
-``MIN_RUNS`` runs of each path or more, the check is therefore a **permutation test** of the two mean curves
-instead: the statistic is the largest, over the steps, of the gap between the paths' mean losses (less
+different paths: for runs of one process split at random, half the time or more (``--simulate``). Where there are
+runs enough for it to fail at all (``testable``: 4 and 4, 3 and 4, 2 and 6, ...), the check is therefore a
+**permutation test** of the two mean curves instead: the statistic is the largest, over the steps, of the gap between the paths' mean losses (less
 ``RESOLUTION``) over its standard error, and the test compares it with the same statistic for every other split of
 the runs into two groups of those sizes. It passes when the observed split is not among the most extreme ``ALPHA``
 of them (p >= ALPHA). Each path's spread at a step counts as at least ``RESOLUTION`` of the loss: the first steps,
@@ -50,9 +50,6 @@ ROUNDING_ONLY = ("packing", "target-loss", "fused-kernels", "zero3-buckets", "co
 # gaps below this count as equal: deterministic fp32 runs (CPU) repeat exactly, so their floor is 0, while the
 # two paths' kernels still round differently at the 1e-6 level
 RESOLUTION = 1e-4
-# the permutation test: with 4 runs a path there are 70 splits, so the smallest possible p (the observed split and
-# its mirror image) is 2/70, under ALPHA; with 3 it is 2/20 and the test could never fail
-MIN_RUNS = 4
 ALPHA = 0.05
 EXACT_SPLITS = 20_000  # beyond this many splits, a seeded random sample of this many
 
@@ -110,9 +107,16 @@ def _standardized_gap(a: Sequence[Sequence[float]], b: Sequence[Sequence[float]]
     return best, where
 
 
+def testable(n: int, m: int) -> bool:
+    """Whether the permutation test of n runs against m can say outside: its smallest p, the observed split alone
+    (and its mirror image, which is a split of the same sizes only when n == m), is under ALPHA. 4 and 4: 2/70;
+    3 and 4: 1/35; 3 and 3: 2/20, never. Each side needs 2 runs for a spread."""
+    return min(n, m) >= 2 and (2 if n == m else 1) / math.comb(n + m, n) < ALPHA
+
+
 def mean_test(accelbench: Sequence[Curve], peer: Sequence[Curve]) -> MeanTest | None:
-    """The permutation test of the two paths' mean curves, None with fewer than MIN_RUNS runs of a path."""
-    if min(len(accelbench), len(peer)) < MIN_RUNS:
+    """The permutation test of the two paths' mean curves, None where it could never fail (``testable``)."""
+    if not testable(len(accelbench), len(peer)):
         return None
     pooled = [c.losses for c in (*accelbench, *peer)]
     n = len(accelbench)
@@ -137,7 +141,7 @@ def mean_test(accelbench: Sequence[Curve], peer: Sequence[Curve]) -> MeanTest | 
 class Verdict:
     floor: list[Gap]  # every pair of runs of the same function
     cross: list[Gap]  # every accelbench-vs-peer pair
-    means: MeanTest | None = None  # with MIN_RUNS runs of each path
+    means: MeanTest | None = None  # where there are runs enough (testable)
 
     @property
     def largest_floor(self) -> Gap | None:
@@ -270,7 +274,7 @@ def report(verdict: Verdict) -> str:
     for title, gaps in (("same function", verdict.floor), ("accelbench vs peer", verdict.cross)):
         lines += [f"  {title}: {g}" for g in sorted(gaps, key=lambda g: -g.value)]
     if verdict.means is not None:
-        lines.append(f"{verdict.means} (within at p >= {ALPHA}; it decides, with {MIN_RUNS}+ runs of each path)")
+        lines.append(f"{verdict.means} (within at p >= {ALPHA}; it decides where it can fail)")
     if verdict.within is None:
         lines.append("verdict: none: " + ("no noise floor" if verdict.largest_floor is None else
                                           "no accelbench-vs-peer pair") + " measured (run a repeat or a "
@@ -300,7 +304,7 @@ def simulate(runs: int, trials: int, seed: int = 0, steps: int = 20, drift: floa
         outside["largest pair"] += not verdict.pairs_within
         if verdict.means is not None:
             outside["permutation test"] += verdict.means.p < ALPHA
-    return {rule: n / trials for rule, n in outside.items() if rule == "largest pair" or runs >= MIN_RUNS}
+    return {rule: n / trials for rule, n in outside.items() if rule == "largest pair" or testable(runs, runs)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -17,7 +17,8 @@ Repeats of one build share its deterministic rounding, so a test over runs separ
 (docs/performance.md, "Loss curves"). ``--between A,B,.. C,D,..`` therefore also tests two *families of builds*,
 each group one build (one code and one set of rounding-only options): the same permutation test, with each build's
 mean curve as one sample, so that its noise is the spread between builds, deterministic rounding included. With
-``loss_check.MIN_RUNS`` builds a family or more it exits 0 when the families are within (p >= ALPHA), 1 when not.
+builds enough for the test to fail (``loss_check.testable``: 4 and 4, 5 and 3, ...) it exits 0 when the families are
+within (p >= ALPHA), 1 when not, and 2 with too few.
 """
 from __future__ import annotations
 
@@ -67,7 +68,7 @@ def report(groups: dict[str, list[loss_check.Curve]]) -> str:
         gap = loss_check.largest_gap(mean_curve(a, groups[a]), mean_curve(b, groups[b]))
         test = loss_check.mean_test(groups[a], groups[b])
         tested = (f"largest gap {test.statistic:.2f} standard errors (step {test.step}), permutation p = {test.p:.3f}"
-                  if test else f"no permutation test (fewer than {loss_check.MIN_RUNS} runs in a group)")
+                  if test else "no permutation test (too few runs for it to fail)")
         lines.append(f"{a} vs {b}: means {gap.value:.2%} apart at most (step {gap.step}); {tested}")
     return "\n".join(lines)
 
@@ -87,7 +88,7 @@ def between(groups: dict[str, list[loss_check.Curve]], first: Sequence[str], sec
     lines.append(f"  the families' means {gap.value:.2%} apart at most (step {gap.step})")
     test = loss_check.mean_test(a, b)
     if test is None:
-        lines.append(f"verdict: none: a family has fewer than {loss_check.MIN_RUNS} builds")
+        lines.append("verdict: none: too few builds for the test to fail")
         return "\n".join(lines), 2
     within = test.p >= loss_check.ALPHA
     lines.append(f"  over builds: largest gap {test.statistic:.2f} standard errors (step {test.step}), "
