@@ -304,6 +304,9 @@ def test_loss_groups_tests_two_families_of_builds_over_their_means(tmp_path: Pat
     assert "families of builds: m0, m1, m2, m3, m4 (5) against p0, p1, p2 (3)" in out
     assert "within m0, m1, m2, m3, m4: two builds' means 19.92% apart at most (m0 vs m3, step 3)" in out
     assert "verdict: within the spread between builds" in out
+    # steps 1-2 repeat in every build, so a change of function there shows at once; step 3 spreads by 0.5
+    assert "sensitivity: the first family's losses scaled from step 1 on by 0.1% would be outside" in out
+    assert out.count("sensitivity:") == 1  # 3 steps: from step 1 and from the middle (step 1) are one line
     # every build of one family under every build of the other: the one most extreme split of 56
     assert loss_groups.main([*builds("m", [2.0, 2.01, 2.02, 2.03, 2.04]), *builds("p", [2.5, 2.51, 2.52]),
                              "--between", mine, theirs]) == 1

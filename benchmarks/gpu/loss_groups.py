@@ -73,6 +73,20 @@ def report(groups: dict[str, list[loss_check.Curve]]) -> str:
     return "\n".join(lines)
 
 
+SHIFTS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2)  # the changes of function tried by detectable_shift
+
+
+def detectable_shift(a: Sequence[loss_check.Curve], b: Sequence[loss_check.Curve], first: int) -> float | None:
+    """The test's sensitivity: the smallest of SHIFTS by which scaling the losses of family ``a`` from step
+    ``first`` on (as a change of function would shift them) makes the test say outside; None if none does."""
+    for d in SHIFTS:
+        shifted = [loss_check.Curve(c.label, c.path, tuple(x * (1 + d) if s + 1 >= first else x
+                                                           for s, x in enumerate(c.losses))) for c in a]
+        if loss_check.mean_test(shifted, b).p < loss_check.ALPHA:
+            return d
+    return None
+
+
 def between(groups: dict[str, list[loss_check.Curve]], first: Sequence[str], second: Sequence[str]) -> tuple[str, int]:
     """The permutation test of two families of builds over their builds' mean curves, and its exit code (0: within,
     1: outside, 2: too few builds to test)."""
@@ -93,6 +107,12 @@ def between(groups: dict[str, list[loss_check.Curve]], first: Sequence[str], sec
     within = test.p >= loss_check.ALPHA
     lines.append(f"  over builds: largest gap {test.statistic:.2f} standard errors (step {test.step}), "
                  f"permutation p = {test.p:.3f}")
+    steps = len(a[0].losses)
+    for first in sorted({1, steps // 2}):
+        found = detectable_shift(a, b, first)
+        lines.append(f"  sensitivity: the first family's losses scaled from step {first} on by "
+                     + (f"{found:.1%} would be outside" if found else f"up to {SHIFTS[-1]:.0%} would still be within")
+                     + f" (shifts tried: {SHIFTS[0]:.1%} to {SHIFTS[-1]:.0%})")
     lines.append(f"verdict: {'within' if within else 'OUTSIDE'} the spread between builds (p >= {loss_check.ALPHA})")
     return "\n".join(lines), 0 if within else 1
 
