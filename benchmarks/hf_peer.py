@@ -5,7 +5,8 @@ DeepSpeed config through ``TrainingArguments(deepspeed=...)``.  This script is t
 that is not the training framework held equal to accelbench:
 
 * model: accelbench's ``build_model`` + ``freeze_for_stage`` (same preset, same random init seed),
-  ``attn_implementation="sdpa"``, activation checkpointing switched on by the Trainer's own argument;
+  ``attn_implementation="sdpa"`` (``--attn eager``: a rounding variant for the loss check), activation
+  checkpointing switched on by the Trainer's own argument;
 * data: the same records (accelbench's ``prepare_data``: the synthetic set, or ``--data``), validated,
   tokenized and padded by accelbench's ``LlavaDataset`` + ``collate`` (pad to the longest in the batch,
   as LLaVA's ``DataCollatorForSupervisedDataset`` does);
@@ -13,7 +14,8 @@ that is not the training framework held equal to accelbench:
   ``_get_train_sampler`` (as ``LLaVATrainer`` does), backed by accelbench's seeded ``LengthGroupedSampler``;
 * DeepSpeed config: the very dict accelbench writes (``ds_config.deepspeed_config``), with the same ZeRO-3
   bucket sizes accelbench's plan chooses (``--llava-zero3-buckets`` for LLaVA's own);
-* optimizer / schedule: the Trainer's own (``optim`` default = torch AdamW, fused where torch has it;
+* optimizer / schedule: the Trainer's own (``optim`` default = torch AdamW, fused where torch has it; ``--optim
+  adamw_torch``: foreach, another rounding variant;
   ``lr_scheduler_type="cosine"``, warm-up ratio 0.03; weight decay 0, LLaVA's).  The config has no
   ``"optimizer"`` entry, so the Trainer creates the torch optimizer and DeepSpeed never JIT-builds FusedAdam.
   (``Trainer(optimizers=(opt, sched))`` is *not* used: under DeepSpeed, transformers' ``deepspeed_init``

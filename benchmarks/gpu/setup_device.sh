@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run first in every device-tool call (carry .whl): installs what the GPU image lacks into /tmp/site.
 # .whl holds: deepspeed sdist, hjson, pydantic(+core, annotated-types, typing-inspection, typing-extensions),
-# transformers 5.24 (same as CI), liger-kernel. See docs/gpu-setup.md.
+# transformers 5.24 (same as CI), liger-kernel: `bash benchmarks/gpu/fetch_wheels.sh` fetches them here.
 set -euo pipefail
 [ -f /tmp/site/.accelbench-ready ] && exit 0  # a second suite run in the same call
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
