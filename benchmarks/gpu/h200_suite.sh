@@ -7,7 +7,8 @@
 #         fixed-CASE-STAGE (every sample 1024 tokens, 576 of them image tokens)
 # ABLATE=lever,lever adds one accelbench run per lever without it (peer-/fixed- phases); NO_PEER=1 skips the
 # peer; NO_ACCELBENCH=1 runs the peer alone, PEER_ATTN=eager and PEER_OPTIM=adamw_torch its rounding variants
-# (compare_peer.py --peer-attn/--peer-optim); STEPS (default 10); MBS (peer-/fixed- phases: micro-batch per GPU, default the stage's LLaVA value);
+# (compare_peer.py --peer-attn/--peer-optim); STEPS (default 10); MBS (peer-/fixed- phases: micro-batch per GPU,
+# default the stage's LLaVA value);
 # REPEATS (peer-/fixed- phases: runs of each path, interleaved; with NO_PEER=1 of accelbench; ablations run once;
 # default 1);
 # PROF_STEPS (prof- phases, default 5: steps 3-4 profiled, the later ones not);

@@ -11,13 +11,16 @@ With few runs, the check passes when no accelbench-vs-peer pair differs by more 
 the most extreme pair of runs against each other, so it fails whenever the lowest and the highest curve belong to
 different paths: for runs of one process split at random, half the time or more (``--simulate``). Where there are
 runs enough for it to fail at all (``testable``: 4 and 4, 3 and 4, 2 and 6, ...), the check is therefore a
-**permutation test** of the two mean curves instead: the statistic is the largest, over the steps, of the gap between the paths' mean losses (less
-``RESOLUTION``) over its standard error, and the test compares it with the same statistic for every other split of
-the runs into two groups of those sizes. It passes when the observed split is not among the most extreme ``ALPHA``
-of them (p >= ALPHA). Each path's spread at a step counts as at least ``RESOLUTION`` of the loss: the first steps,
-before nondeterministic reductions have changed anything, repeat exactly (or to a few 1e-5, where another machine's
-kernel autotuning picked other kernels), and a spread of zero would make the kernels' own rounding gap between the
-paths look like many standard errors.
+**permutation test** of the two mean curves instead: the statistic is the largest, over the steps, of the gap
+between the paths' mean losses (less ``RESOLUTION``) over its standard error, and the test compares it with the
+same statistic for every other split of the runs into two groups of those sizes. It passes when the observed split
+is not among the most extreme ``ALPHA`` of them (p >= ALPHA). Each path's spread at a step counts as at least
+``RESOLUTION`` of the loss: the first steps, before nondeterministic reductions have changed anything, repeat exactly
+(or to a few 1e-5, where another machine's kernel autotuning picked other kernels), and a spread of zero would make
+the kernels' own rounding gap between the paths look like many standard errors.
+
+Repeats of one build share its deterministic rounding; where they part too late to sample it (one GPU), the check
+is the same test over builds instead (``loss_groups.py --between``).
 
 Exit 0: within; 1: outside; 2: no floor or no pair measured. Give it the JSON files of ``compare_peer.py --json``
 from one or more calls of the same phase on the same machine kind, run by the same code (a run from before a change
