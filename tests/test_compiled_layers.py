@@ -91,6 +91,9 @@ def _child(kernels: str, out: str, dtype: str = "fp32", zero: str = "units", lin
         steps.append([loss.item(), float(engine.get_global_grad_norm())])
     with open(f"{out}.{rank}", "w", encoding="utf-8") as f:
         json.dump({"steps": steps, "replays": replays, "compiled": compiled, "counters": compile_counters()}, f)
+    # gloo's threads stopped here rather than in the interpreter's teardown, torch's advice: one rank of one run in
+    # the suite once aborted with "terminate called without an active exception", the message of such a teardown
+    torch.distributed.destroy_process_group()
 
 
 def _run(kernels: str, tmp_path, dtype: str = "bf16") -> dict:
