@@ -318,5 +318,7 @@ def test_loss_groups_tests_two_families_of_builds_over_their_means(tmp_path: Pat
     assert "verdict: none: too few builds for the test to fail" in capsys.readouterr().out
     with pytest.raises(SystemExit):  # argparse: a family names a group that was not given
         loss_groups.main([*builds("m", [2.0, 2.1]), "--between", "m0,m9", "m1"])
+    assert "--between names no --group m9" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # a build in both families
         loss_groups.main([*builds("m", [2.0, 2.1]), "--between", "m0,m1", "m1"])
+    assert "--between: m1 in both families" in capsys.readouterr().err

@@ -130,8 +130,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = sorted({n for f in families for n in f} - {g[0] for g in a.group})
     if unknown:
         p.error(f"--between names no --group {', '.join(unknown)}")
-    if families and set(families[0]) & set(families[1]):
-        p.error("--between: a build cannot be in both families")
+    both = sorted(set(families[0]) & set(families[1])) if families else []
+    if both:
+        p.error(f"--between: {', '.join(both)} in both families; give each build to one")
     groups = {g[0]: group_runs(g[0], g[1:]) for g in a.group}
     steps = {len(c.losses) for runs in groups.values() for c in runs}
     if len(steps) > 1:
