@@ -65,6 +65,9 @@ class MemoryPlanInput:
     # None -> all of them.  The rest keep their activations.
     recompute_layers: int | None = None
     kernels: str = "hf"
+    # compiled layers (kernels "inductor") that recompute their element-wise results and attention in the
+    # backward from what the GEMMs keep (lever "elementwise-recompute", train/kernels.py)
+    elementwise_recompute: bool = False
 
     @property
     def micro_batch_tokens(self) -> int:
@@ -206,14 +209,20 @@ def layer_saved_bytes_per_token(inp: MemoryPlanInput) -> int:
     Liger's fused kernels: each RMSNorm keeps its bf16 input and an fp32 rstd per token (finetune
     also the normed output, for the projections' weight gradients); SwiGLU keeps gate and up and
     recomputes the activation (finetune also down_proj's input, act·up).
-    Inductor (compiled decoder layers) is counted as Liger: its partitioner saves the same matmul inputs and
-    recomputes element-wise results where that is cheaper; the measured peak on H200 checks it
+    Inductor (compiled decoder layers) is counted as Liger: its default partitioner saves the same matmul inputs
+    and recomputes element-wise results where that is cheaper; the measured peak on H200 checks it
     (docs/performance.md).
+    Inductor with lever "elementwise-recompute" keeps only what needs no GEMM to recompute: each
+    RMSNorm's input (the layer's input and the residual after attention) and fp32 rstd, q, k, v and the MLP's gate
+    and up. The normed outputs, the attention (output and logsumexp) and act·up are recomputed in the backward
+    (tests/test_compiled_saves.py counts the saved tensors).
     """
     t, b = inp.preset.llm, DTYPE_BYTES[inp.dtype]
     h, i, kv = t.hidden, t.intermediate, t.kv_heads * t.head_dim
-    attn = (h + kv + kv + h) * b  # q, k, v (post-rotary) and the attention output
     finetune = inp.stage == "finetune"
+    if inp.kernels == "inductor" and inp.elementwise_recompute:  # the same in pretrain: nothing more is needed
+        return 2 * (b * h + FP32) + (h + 2 * kv) * b + 2 * i * b
+    attn = (h + kv + kv + h) * b  # q, k, v (post-rotary) and the attention output
     if inp.kernels in ("liger", "inductor"):
         norms = 2 * (b * h + FP32 + (b * h if finetune else 0))
         mlp = (3 if finetune else 2) * i * b
@@ -387,6 +396,8 @@ def _validate(inp: MemoryPlanInput) -> None:
         raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {inp.attn_impl!r}")
     if inp.kernels not in KERNELS:
         raise ValueError(f"kernels must be one of {KERNELS}, got {inp.kernels!r}")
+    if inp.elementwise_recompute and inp.kernels != "inductor":
+        raise ValueError(f"elementwise_recompute needs compiled layers (kernels 'inductor'), got {inp.kernels!r}")
     if inp.recompute_layers is not None and not 0 <= inp.recompute_layers <= inp.preset.llm.layers:
         raise ValueError(f"recompute_layers must be 0..{inp.preset.llm.layers}, got {inp.recompute_layers}")
     if inp.tokens is not None and inp.tokens < 1:

@@ -30,6 +30,9 @@ LEVERS = {
     "zero3-buckets": "LLaVA's ZeRO-3 bucket sizes (hidden², HF's auto) instead of 5e8-element prefetch and reduce buckets",
     "lean-step": "DeepSpeed's own ZeRO-3 optimizer step instead of one with the clip factor and the skip flag fused "
                  "into AdamW",
+    "elementwise-recompute": "compiled decoder layers that keep their activations also keep the normed inputs, the "
+                             "attention output and the SwiGLU product (Inductor's default) instead of recomputing "
+                             "them in the backward",
 }
 
 
@@ -82,6 +85,9 @@ class RunPlan:
     without: tuple[str, ...] = ()  # levers turned off (LEVERS)
     ds_overrides: dict[str, Any] = field(default_factory=dict)  # --ds-config, merged over the DeepSpeed config
     zero3_buckets: bool = False  # resolved: ZeRO-3 runs with ds_config.ZERO3_BUCKETS (lever "zero3-buckets")
+    # resolved (lever "elementwise-recompute"): compiled layers that keep their activations keep only what needs a
+    # GEMM to recompute, where memory makes some layers replay (fit_recompute)
+    elementwise_recompute: bool = False
     env: dict[str, str] = field(default_factory=dict)
     adjustments: list[Adjustment] = field(default_factory=list)
     memory: dict[str, Any] | None = None  # the memory estimate at the chosen micro-batch
@@ -150,7 +156,7 @@ class RunPlan:
             "recompute_layers": self.recompute_layers, "recompute_table": [list(r) for r in self.recompute_table],
             "micro_batch_tokens": self.micro_batch_tokens,
             "without": list(self.without), "zero3_buckets": self.zero3_buckets, "balanced_ranks": self.balanced_ranks,
-            "lean_step": self.lean_step,
+            "lean_step": self.lean_step, "elementwise_recompute": self.elementwise_recompute,
             "ds_overrides": self.deepspeed_overrides(),
             "env": dict(self.env), "adjustments": [a.to_dict() for a in self.adjustments],
             "memory_estimate": self.memory, "usable_memory_bytes": self.usable_memory, "notes": list(self.notes),
@@ -189,6 +195,7 @@ def memory_input(plan: RunPlan, micro_batch: int | None = None) -> Any:
                            micro_batch=micro_batch, seq_len=plan.seq_len, dtype=plan.dtype,
                            grad_ckpt=plan.grad_ckpt, attn_impl=plan.attn_implementation, ds_config=ds,
                            loss_impl=plan.loss, packed=plan.packed, kernels=plan.kernels,
+                           elementwise_recompute=plan.elementwise_recompute,
                            tokens=plan.micro_batch_tokens if planned else None,
                            recompute_layers=plan.recompute_layers if planned else None)
 
@@ -301,6 +308,7 @@ def fit_recompute(plan: RunPlan, backend: Any, micro_batch_tokens: int | None = 
     plan.notes = [n for n in plan.notes if not n.startswith((OVER_MEMORY, BUCKETS_NOTE, FIXED_REPLAYS_NOTE))]
     _choose_zero3_buckets(plan, calibration)
     plan.recompute_table = []
+    plan.elementwise_recompute = False
     if not plan.grad_ckpt:
         plan.recompute_layers = 0
     elif plan.recompute == "all":
@@ -311,11 +319,19 @@ def fit_recompute(plan: RunPlan, backend: Any, micro_batch_tokens: int | None = 
         plan.recompute_layers = layers  # the estimate to start from
         usable = int((plan.usable_memory or 0) / calibration)
         k, _ = fit(memory_input(plan), usable)
+        # a re-fit (the data's bound) replaces the earlier records
+        plan.adjustments = [a for a in plan.adjustments
+                            if a.what not in ("recompute_layers", "recompute_table", "elementwise_recompute")]
+        if k and plan.kernels == COMPILED_KERNELS and "elementwise-recompute" not in plan.without:
+            plan.elementwise_recompute = True  # memory binds: a smaller kept layer means fewer replayed ones
+            without, (k, _) = k, fit(memory_input(plan), usable)
+            plan.adjustments.append(Adjustment(
+                "elementwise_recompute", False, True, f"kept compiled layers save only what needs a GEMM to "
+                f"recompute (norm inputs, q, k, v, gate, up): {k} layers replayed at the longest micro-batch "
+                f"instead of {without} (--without elementwise-recompute)", "planner"))
         plan.recompute_layers = k
         tokens = (f"{plan.micro_batch_tokens} tokens, the data's longest micro-batch" if plan.micro_batch_tokens
                   else f"{plan.micro_batch * plan.seq_len} tokens (LBS x MPE)")
-        # a re-fit (the data's bound) replaces the earlier records
-        plan.adjustments = [a for a in plan.adjustments if a.what not in ("recompute_layers", "recompute_table")]
         if k != layers:
             plan.adjustments.append(Adjustment("recompute_layers", layers, k, f"the fewest replayed decoder layers "
                                                f"whose estimate fits the usable memory at {tokens}", "planner"))

@@ -232,7 +232,8 @@ def test_compiled_layers_give_eagers_loss_and_gradients_bit_for_bit_kept_or_repl
     """In bf16, the compiled decoder layers compute eager's numbers: Inductor rounds to bf16 wherever eager does
     (``emulate_precision_casts``; with its default fp32 intermediates no gradient matched). Replaying them in
     backward changes no bit either: lever batch-recompute, which changes the replay count per micro-batch, changes
-    only memory and time."""
+    only memory and time. Nor does recomputing the element-wise results in the backward instead of saving them
+    (lever elementwise-recompute)."""
     import torch
 
     from accelbench.cases import get_preset
@@ -242,13 +243,14 @@ def test_compiled_layers_give_eagers_loss_and_gradients_bit_for_bit_kept_or_repl
 
     preset = get_preset("tiny")
 
-    def model(kernels: str) -> torch.nn.Module:
+    def model(kernels: str, elementwise_recompute: bool = False) -> torch.nn.Module:
         torch.manual_seed(0)
         built = build_model(preset, image_token_id=IMAGE_TOKEN, pad_token_id=0, dtype="bf16",
                             attn_implementation="sdpa", device=torch.device("cpu"))
         freeze_for_stage(built, "finetune")
         enable_checkpointing(built, 0)
-        assert compile_layers(built, kernels) == (preset.llm.layers if kernels == "inductor" else 0)
+        compiled = compile_layers(built, kernels, elementwise_recompute)
+        assert compiled == (preset.llm.layers if kernels == "inductor" else 0)
         return built
 
     ids = torch.randint(1, IMAGE_TOKEN - 1, (2, 64), generator=torch.Generator().manual_seed(1))
@@ -279,6 +281,14 @@ def test_compiled_layers_give_eagers_loss_and_gradients_bit_for_bit_kept_or_repl
     assert torch.equal(kept_loss, eager_loss) and torch.equal(replayed_loss, eager_loss)
     assert all(torch.equal(a, b) for a, b in zip(kept, eager))
     assert all(torch.equal(a, b) for a, b in zip(replayed, kept))
+    try:
+        lean_loss, lean, lean_saved = loss_and_grads(model("inductor", elementwise_recompute=True), 0)
+    finally:
+        import torch._functorch.config
+
+        torch._functorch.config.aggressive_recomputation = False  # process-wide: leave the suite as it was
+    assert replayed_saved < lean_saved < kept_saved  # it saved less, and still more than a replayed layer
+    assert torch.equal(lean_loss, eager_loss) and all(torch.equal(a, b) for a, b in zip(lean, eager))
 
 
 if __name__ == "__main__":

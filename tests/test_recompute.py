@@ -69,6 +69,18 @@ def test_saved_bytes_per_token_hand_values():
         SAVED_7B[("liger", "pretrain")] - _LSE7
 
 
+def test_saved_bytes_per_token_elementwise_recompute():
+    # compiled layers recomputing element-wise results keep each norm's bf16 input and fp32 rstd, q, k, v, gate
+    # and up, in either stage: 2·(2h + 4) + 3·2h + 2·2i
+    for stage in ("finetune", "pretrain"):
+        inp = _inp7(stage, kernels="inductor", elementwise_recompute=True)
+        assert layer_saved_bytes_per_token(inp) == 2 * (2 * 4096 + 4) + 3 * 4096 * 2 + 2 * 11008 * 2 == 85000
+    # Inductor's default partitioner is counted as Liger
+    assert layer_saved_bytes_per_token(_inp7("finetune", kernels="inductor")) == SAVED_7B[("liger", "finetune")]
+    with pytest.raises(ValueError, match="elementwise_recompute needs compiled layers"):
+        estimate_memory(_inp7("finetune", kernels="liger", elementwise_recompute=True))
+
+
 def test_saved_bytes_per_token_tiny_liger():
     # tiny: h 64, i 172, kv 4·16 = 64, heads 4
     inp = MemoryPlanInput(TINY, "finetune", 3, 2, 2, 40, kernels="liger")
@@ -325,11 +337,39 @@ def test_the_lean_step_is_zero3s_and_can_be_turned_off(h200):
     assert off.to_dict()["lean_step"] is False
 
 
+def test_elementwise_recompute_is_on_where_memory_makes_layers_replay(h200):
+    from accelbench.report.result import optimizations
+
+    finetune = build_plan(h200, case="llava1.5-13b", stage="finetune", nproc=2)
+    off = build_plan(h200, case="llava1.5-13b", stage="finetune", nproc=2, without=["elementwise-recompute"])
+    assert finetune.kernels == off.kernels == "inductor"
+    assert finetune.elementwise_recompute and not off.elementwise_recompute
+    assert memory_input(finetune).elementwise_recompute and not memory_input(off).elementwise_recompute
+    # smaller kept layers: fewer layers replayed at the same usable memory, and the record says how many fewer
+    assert 0 < finetune.recompute_layers < off.recompute_layers
+    record = [a for a in finetune.adjustments if a.what == "elementwise_recompute"]
+    assert len(record) == 1 and f"instead of {off.recompute_layers}" in record[0].why
+    assert finetune.to_dict()["elementwise_recompute"] is True and off.to_dict()["elementwise_recompute"] is False
+    line = "compiled layers (f): element-wise results recomputed, not saved"
+    assert line in optimizations({"f": finetune}) and line not in optimizations({"f": off})
+    # where every layer keeps its activations anyway, recomputing would only cost time: 13B pretrain at the
+    # synthetic data's bound (measured 0 of 40 replayed), and the record of the fit without that bound is dropped
+    pretrain = _pretrain13(h200)
+    assert pretrain.recompute_layers > 0 and pretrain.elementwise_recompute  # LBS x MPE = 65536 tokens
+    fit_recompute(pretrain, h200, micro_batch_tokens=19589)
+    assert pretrain.recompute_layers == 0 and not pretrain.elementwise_recompute
+    assert not [a for a in pretrain.adjustments if a.what == "elementwise_recompute"]
+    # a fixed replay count, or eager layers, leave Inductor's default
+    assert not build_plan(h200, case="llava1.5-13b", stage="finetune", nproc=2, recompute=20).elementwise_recompute
+    eager = build_plan(h200, case="llava1.5-13b", stage="finetune", nproc=2, without=["compiled-layers"])
+    assert eager.kernels == "liger" and not eager.elementwise_recompute
+
+
 def test_without_compiled_layers_takes_the_next_kernel_set(h200):
     plan = _pretrain13(h200, without=["compiled-layers"])
     assert plan.kernels == "liger" and any("inductor" in n and "--without compiled-layers" in n for n in plan.notes)
-    # Inductor is counted as Liger in the memory model: the same layers are replayed
-    assert plan.recompute_layers == _pretrain13(h200).recompute_layers
+    # Inductor's default partitioner is counted as Liger in the memory model: the same layers are replayed
+    assert plan.recompute_layers == _pretrain13(h200, without=["elementwise-recompute"]).recompute_layers
 
 
 def test_compiled_layers_make_each_decoder_layer_a_zero3_fetch_unit(h200):
@@ -396,7 +436,8 @@ def test_parse_recompute():
         with pytest.raises(ConfigError):
             parse_recompute(bad, 40)
     assert set(LEVERS) == {"packing", "selective-recompute", "batch-recompute", "target-loss", "fused-kernels",
-                           "compiled-layers", "loader-workers", "zero3-buckets", "balanced-ranks", "lean-step"}
+                           "compiled-layers", "loader-workers", "zero3-buckets", "balanced-ranks", "lean-step",
+                           "elementwise-recompute"}
 
 
 def test_refit_with_the_data_bound_replaces_the_record(h200):

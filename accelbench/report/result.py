@@ -50,6 +50,8 @@ def optimizations(plans: dict[str, Any]) -> list[str]:
     out |= {"ranks: each step's samples dealt by length" for p in plans.values() if p.balanced_ranks}
     out |= {"ZeRO-3 step: gradient clip and skip fused into AdamW" for p in plans.values() if p.lean_step}
     out |= {f"fused kernels: {p.kernels}" for p in plans.values() if p.kernels != "hf"}
+    out |= {f"compiled layers ({stage}): element-wise results recomputed, not saved" for stage, p in plans.items()
+            if p.elementwise_recompute}
     out |= {"loss: logits at target positions only, chunked" if p.loss == "objective"
             else "loss: transformers' (fp32 logits at every position)" for p in plans.values()}
     for stage, p in plans.items():

@@ -123,7 +123,8 @@ class StageRunner:
         trainable = freeze_for_stage(model, self.stage)
         if self.plan["gradient_checkpointing"]:
             enable_checkpointing(model, self.plan.get("recompute_layers"))
-        self.compiled_layers = compile_layers(model, self.plan.get("kernels", "hf"))
+        self.compiled_layers = compile_layers(model, self.plan.get("kernels", "hf"),
+                                              self.plan.get("elementwise_recompute", False))
         linears_as_under_zero3_default(model, zero3)  # image features round as in the peer
         optimizer = adamw(trainable, self.plan["lr"])
         scheduler = cosine_with_warmup(optimizer, self.cfg.steps[self.stage])

@@ -2,7 +2,7 @@
 # The measurements recorded in docs/gpu-h200.md, docs/performance.md and docs/performance-history.md, run through
 # the device tool:
 #   bash benchmarks/gpu/h200_suite.sh PHASE...
-# phases: info nccl gemm varlen liger run7b run13b mem7b mem13b auto7b prof-CASE-STAGE (e.g. prof-13b-finetune)
+# phases: info nccl gemm saves varlen liger run7b run13b mem7b mem13b auto7b prof-CASE-STAGE (e.g. prof-13b-finetune)
 #         peer-CASE-STAGE (e.g. peer-13b-pretrain, peer-13b-finetune, peer-7b-finetune) and
 #         fixed-CASE-STAGE (every sample 1024 tokens, 576 of them image tokens)
 # ABLATE=lever,lever adds one accelbench run per lever without it (peer-/fixed- phases); NO_PEER=1 skips the
@@ -61,6 +61,8 @@ for arg in "$@"; do
         2>&1 | grep "^{" | tee "$OUT/nccl_bw_simple.log" ;;
     gemm)  # one decoder layer's GEMMs alone: the ceiling of a step's GEMM time
       timeout 120 python3 benchmarks/gpu/gemm_tflops.py | tee "$OUT/gemm_tflops.jsonl" ;;
+    saves)  # what one compiled decoder layer saves for its backward, against the memory model (7B widths)
+      timeout 300 python3 benchmarks/gpu/layer_saves.py | tee "$OUT/layer_saves.jsonl" ;;
     varlen)
       python3 benchmarks/gpu/check_varlen.py 2>&1 | tail -3 ;;
     prof-*)  # e.g. prof-13b-finetune: torch.profiler over steps 3-4, summaries to $OUT/prof-.../
