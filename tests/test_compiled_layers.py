@@ -99,7 +99,10 @@ def _child(kernels: str, out: str, dtype: str = "fp32", zero: str = "units", lin
 def _run(kernels: str, tmp_path, dtype: str = "bf16") -> dict:
     out = tmp_path / f"{kernels}.json"
     # Inductor's own cache in the test's folder: nothing shared with other runs on the machine, nothing stale
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    # and Inductor compiles in the rank's own process: no pool of compile workers whose threads outlive the run (one
+    # rank of the suite once aborted with "terminate called without an active exception" after its collectives)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"),
+           "TORCHINDUCTOR_COMPILE_THREADS": "1"}
     # --standalone: the launcher picks a free port itself, so concurrent runs never race for one
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", __file__, kernels,
            str(out), dtype]
