@@ -21,7 +21,8 @@ def test_saved_tensors_match_the_memory_model_and_no_gemm_is_recomputed():
     for row in (default, lever):
         assert row["saved_bytes_per_token"] == row["model_bytes_per_token"], row
     h, i = 256, 688
-    # the lever saves neither normed output (2·2h), the attention output (2h) and logsumexp (4·heads), nor act·up (2i)
+    # the lever saves neither normed output (2·2h), the attention output (2h) and logsumexp (4·heads),
+    # nor act·up (2i)
     assert default["saved_bytes_per_token"] - lever["saved_bytes_per_token"] == 2 * 2 * h + 2 * h + 4 * 4 + 2 * i
     assert "float32 (1, 4, 256)" in default["saved"] and "float32 (1, 4, 256)" not in lever["saved"]  # logsumexp
     # the backward's FLOPs are its GEMMs' (dX and dW of the seven projections): the same with the lever

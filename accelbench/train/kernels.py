@@ -32,8 +32,9 @@ def compile_layers(model: Any, name: str, elementwise_recompute: bool = False) -
     ``elementwise_recompute`` (lever "elementwise-recompute"): the backward graph of a layer that keeps its
     activations recomputes every result that needs no GEMM (the RMSNorm outputs, the attention, SwiGLU's act·up)
     from what it saves (each RMSNorm's input and rstd, q, k, v, gate, up), instead of saving those results too:
-    Inductor's partitioner with its ban list relaxed (``aggressive_recomputation``; GEMMs stay banned). A kept layer
-    then needs about 30 % less memory, so fewer layers are replayed whole.
+    Inductor's partitioner with its ban list relaxed (``aggressive_recomputation``; GEMMs stay banned). A kept 7B
+    layer then saves 35 % less, so fewer layers are replayed whole; on one H200 the recomputation cost about what
+    the avoided replays saved (docs/performance.md).
 
     The forward, not the module call: module hooks (ZeRO-3's fetch and release, around the whole layer when it
     is a fetch unit) stay outside the graph. transformers' activation checkpointing is part of the decoder layer's

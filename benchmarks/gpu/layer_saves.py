@@ -35,11 +35,12 @@ def saved_per_token(layer: Any, rope: Any, row: dict[str, Any]) -> tuple[dict[st
     x = row["x"].to(torch.bfloat16).clone().requires_grad_(True)
     cos, sin = (t.to(torch.bfloat16) for t in rope(x, row["pos"]))
     skip = {p.data_ptr() for p in layer.parameters()} | {cos.data_ptr(), sin.data_ptr()}
-    saved: dict[tuple[int, str], int] = {}
+    saved: dict[int, tuple[str, int]] = {}  # by address: a tensor saved twice (or two views of it) counts once
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        if t.data_ptr() not in skip:  # one storage counted once, whichever view of it was saved
-            saved[(t.data_ptr(), f"{str(t.dtype).removeprefix('torch.')} {tuple(t.shape)}")] = t.numel() * t.element_size()
+        if t.data_ptr() not in skip:
+            kind = f"{str(t.dtype).removeprefix('torch.')} {tuple(t.shape)}"
+            saved.setdefault(t.data_ptr(), (kind, t.numel() * t.element_size()))
         return t
 
     # one sample: no packing kwargs, so the kernel runs SDPA, causal (the CPU varlen path loops over samples and
@@ -54,7 +55,7 @@ def saved_per_token(layer: Any, rope: Any, row: dict[str, Any]) -> tuple[dict[st
         out.backward(row["grad"].to(out.dtype))
     tokens = x.shape[1]
     by_kind: dict[str, int] = {}
-    for (_, kind), size in saved.items():
+    for kind, size in saved.values():
         by_kind[kind] = by_kind.get(kind, 0) + size // tokens
     return by_kind, flops.get_total_flops() / tokens
 
