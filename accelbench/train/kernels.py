@@ -44,8 +44,10 @@ def compile_layers(model: Any, name: str, elementwise_recompute: bool = False) -
     The vision encoder layers stay eager. They run without autograd (``model.freeze_for_stage``), and compiled so
     Inductor fuses each layer with fp32 intermediates: image features 0.6 % (relative) off eager bf16's on CPU, and
     on one H200 the 7B finetune loss curve at micro-batch 8 left the peer's runs at step 9 in 3 of 3 runs
-    (docs/performance-history.md). Eager, they give the peer's features bit for bit; each is still one ZeRO-3 fetch
-    unit (``ds_config.COMPILED_LAYERS``), so the tower's host work is 24 fetches, not one per module.
+    (docs/performance-history.md); with eager rounding (``emulate_precision_casts``) too, three CLIP-L-wide layers
+    still land 0.14 % from eager on CPU (LayerNorm's reductions differ). Eager, they give the peer's features bit for
+    bit; each is still one ZeRO-3 fetch unit (``ds_config.COMPILED_LAYERS``), so the tower's host work is 24
+    fetches, not one per module.
     """
     if name != "inductor":
         return 0
