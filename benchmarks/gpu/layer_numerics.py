@@ -81,13 +81,18 @@ def compare(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> dict[
     return out
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_layer_args(ap: argparse.ArgumentParser, samples: int) -> None:
+    """One decoder layer's widths (7B's by default) and the packed row it runs on."""
     ap.add_argument("--hidden", type=int, default=4096)
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--inter", type=int, default=11008)
     ap.add_argument("--tokens", type=int, default=8192)
-    ap.add_argument("--samples", type=int, default=6)
+    ap.add_argument("--samples", type=int, default=samples)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_layer_args(ap, samples=6)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -24,7 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from layer_numerics import build_layer, packed_row  # noqa: E402
+from layer_numerics import add_layer_args, build_layer, packed_row  # noqa: E402
 
 from accelbench.train import varlen_attention  # noqa: E402
 from accelbench.train.kernels import compile_layers  # noqa: E402
@@ -90,11 +90,7 @@ def model_bytes_per_token(hidden: int, heads: int, inter: int, elementwise_recom
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--hidden", type=int, default=4096)
-    ap.add_argument("--heads", type=int, default=32)
-    ap.add_argument("--inter", type=int, default=11008)
-    ap.add_argument("--tokens", type=int, default=8192)
-    ap.add_argument("--samples", type=int, default=8)
+    add_layer_args(ap, samples=8)
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     for lever in (False, True):
