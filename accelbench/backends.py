@@ -216,6 +216,11 @@ class Backend:
                                           device_name=device_name, dtype=dtype)
         return result or PeakFlops(dtype, None, f"no peak table entry for {device_name!r}")
 
+    def host_link(self) -> float | None:
+        """The host link's copy rate, bytes/s each way (optional: None, no activations are offloaded)."""
+        value = self.registry.call_first("accelbench_host_link", backend=self.name, machine=self.machine)
+        return None if value is None else float(value)
+
     def setup_env(self, env: dict[str, str]) -> list[Adjustment]:
         return [a for lst in self.registry.call_all("accelbench_setup_env", backend=self.name, env=env) for a in lst]
 
@@ -243,7 +248,7 @@ class Backend:
     def capabilities(self) -> dict[str, Any]:
         return {"backend": self.name, "why": self.why, "device": self.device_info().to_dict(),
                 "attention": self.attention().to_dict(), "precision": self.precision().to_dict(),
-                "kernels": self.kernels().to_dict()}
+                "kernels": self.kernels().to_dict(), "host_link_bytes_per_s": self.host_link()}
 
 
 def _allowed_plugins() -> set[str] | None:

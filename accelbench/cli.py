@@ -85,7 +85,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     reg = load_registry(machine=machine)
     backend = reg.select(args.backend)
     plan = build_plan(backend, case=args.case, stage=args.stage, nproc=args.nproc, micro_batch=args.mbs,
-                      grad_accum=args.gas, seq_len=args.seq, recompute=args.recompute,
+                      grad_accum=args.gas, seq_len=args.seq, recompute=args.recompute, offload=args.offload,
                       without=[w for w in (args.without or "").split(",") if w],
                       ds_overrides=load_overrides(args.ds_config) if args.ds_config else None)
     if args.json:
@@ -106,7 +106,8 @@ def render_plan(plan: Any) -> str:
         + (f" (at {plan.micro_batch_tokens} tokens per micro-batch)" if plan.micro_batch_tokens else
            f" (sized for {plan.micro_batch} x {plan.seq_len} tokens per micro-batch; a run sizes it from the data)")
         + (f"; smaller micro-batches replay fewer, {plan.recompute_table[0][1]} up to "
-           f"{plan.recompute_table[0][0]} tokens" if len(plan.recompute_table) > 1 else ""),
+           f"{plan.recompute_table[0][0]} tokens" if len(plan.recompute_table) > 1 else "")
+        + (f"; {plan.offload_layers} kept in host memory" if plan.offload_layers else ""),
         f"  ZeRO stage {plan.zero_stage}; lr {plan.lr:g}",
         f"  micro-batch (LBS) {plan.micro_batch} (requested {plan.micro_batch_requested}); GAS {plan.grad_accum}; "
         f"GBS {plan.global_batch}; MPE {plan.seq_len}",

@@ -21,7 +21,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         max_bad_fraction=args.max_bad_fraction, quiet=args.quiet, log_all_ranks=args.log_all_ranks,
         tensorboard=args.tensorboard, zero_stage=args.zero_stage, lr=args.lr,
         save_every=args.save_every, resume=args.resume,
-        hang_timeout=args.hang_timeout, recompute=args.recompute,
+        hang_timeout=args.hang_timeout, recompute=args.recompute, offload=args.offload,
         without=[w for w in (args.without or "").split(",") if w], profile=args.profile,
         ds_config=args.ds_config, launch=LaunchSpec(nproc_per_node=args.nproc_per_node, nnodes=args.nnodes, node_rank=args.node_rank,
                           master_addr=args.master_addr, master_port=args.master_port),
@@ -68,12 +68,16 @@ def cmd_eval_mmmu(args: argparse.Namespace) -> int:
 
 
 def add_speed_options(parser: Any) -> None:
-    """--recompute, --without and --ds-config: shared by `run` and `plan`."""
+    """--recompute, --offload, --without and --ds-config: shared by `run` and `plan`."""
     from .plan import LEVERS
 
     parser.add_argument("--recompute", default="auto", metavar="auto|all|N",
                         help="decoder layers whose forward is replayed in backward: auto (as few as the memory "
                              "model allows), all, or a number (default auto)")
+    parser.add_argument("--offload", default="auto", metavar="auto|N",
+                        help="decoder layers that keep their activations in host memory instead of replaying: auto "
+                             "(as many as the host link moves beside the forward, where memory makes layers replay) "
+                             "or a number (default auto)")
     parser.add_argument("--without", metavar="LEVER[,LEVER]",
                         help="turn speed levers off, for ablations: " + "; ".join(f"{k}: {v}" for k, v in LEVERS.items()))
     parser.add_argument("--ds-config", metavar="FILE",

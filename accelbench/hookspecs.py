@@ -85,3 +85,9 @@ def accelbench_memory_usage(backend: str) -> list[tuple[int, int]] | None:
 @hookspec(firstresult=True)
 def accelbench_memory_calibration(backend: str) -> float | None:
     """Multiplier from the analytic memory estimate to what this backend's allocator really holds."""
+
+
+@hookspec(firstresult=True)
+def accelbench_host_link(backend: str, machine: Any) -> float | None:
+    """Bytes per second one device copies to and from pinned host memory, each way, beside its compute; None where
+    the device has no memory of its own to spare that way (the host CPU). Read by lever "offload-activations"."""

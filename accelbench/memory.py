@@ -36,6 +36,21 @@ KERNELS = ("hf", "liger", "inductor")
 STAGES = ("pretrain", "finetune")
 FP32 = 4
 
+# offloaded layers copied back ahead of the backward (train/offload.py); the top ones are never offloaded
+OFFLOAD_LOOKAHEAD = 2
+
+
+def offloaded_positions(layers: int, replayed: int, count: int) -> list[int]:
+    """Which decoder layers to offload: ``count`` of them, spread evenly over the layers that are not replayed (the
+    first ``replayed``), below the top ``OFFLOAD_LOOKAHEAD``.
+
+    Spread, so that each layer's copy to the host has the forward of the layers after it to hide under; below the top
+    ones, so that the copy back of the first one the backward reaches starts while layers above it run theirs, whose
+    kept activations are freed as the copies arrive."""
+    lo, hi = replayed, layers - OFFLOAD_LOOKAHEAD
+    count = min(count, max(0, hi - lo))
+    return [lo + (j * (hi - lo)) // count for j in range(count)]
+
 
 @dataclass(frozen=True)
 class MemoryPlanInput:
@@ -68,6 +83,9 @@ class MemoryPlanInput:
     # compiled layers (kernels "inductor") that recompute their element-wise results and attention in the
     # backward from what the GEMMs keep (lever "elementwise-recompute", train/kernels.py)
     elementwise_recompute: bool = False
+    # Kept decoder layers whose saved tensors wait in host memory for the backward (lever "offload-activations",
+    # train/offload.py); at most the kept layers below the top offload.LOOKAHEAD
+    offload_layers: int = 0
 
     @property
     def micro_batch_tokens(self) -> int:
@@ -78,6 +96,10 @@ class MemoryPlanInput:
         if not self.grad_ckpt:
             return 0
         return self.preset.llm.layers if self.recompute_layers is None else self.recompute_layers
+
+    @property
+    def offloaded_layers(self) -> int:
+        return len(offloaded_positions(self.preset.llm.layers, self.checkpointed_layers, self.offload_layers))
 
 
 @dataclass(frozen=True)
@@ -280,8 +302,12 @@ def _backward_terms(inp: MemoryPlanInput, zero: dict[str, Any]) -> dict[str, int
 
     if ckpt:  # only a checkpointed decoder layer's input survives the forward
         terms["act_checkpoints"] = ckpt * tokens * t.hidden * b
-    if ckpt < t.layers:  # the other layers keep everything their backward needs
-        terms["act_all_layers" if ckpt == 0 else "act_kept_layers"] = (t.layers - ckpt) * saved_layer
+    offloaded = inp.offloaded_layers
+    if ckpt + offloaded < t.layers:  # the other layers keep everything their backward needs
+        terms["act_all_layers" if ckpt == offloaded == 0 else "act_kept_layers"] = \
+            (t.layers - ckpt - offloaded) * saved_layer
+    if offloaded:  # only the norms' fp32 rstd stays on the device (offload.MIN_BYTES)
+        terms["act_offloaded_layers"] = offloaded * tokens * 2 * FP32
     # The attention mask is shared by all layers: eager adds a float 4D mask, SDPA a bool one
     # (padded batches); flash-attention takes the 2-D mask.
     mask_bytes = 0 if inp.packed else {"eager": b, "sdpa": 1, "flash_attention_2": 0}[inp.attn_impl]
@@ -400,6 +426,8 @@ def _validate(inp: MemoryPlanInput) -> None:
         raise ValueError(f"elementwise_recompute needs compiled layers (kernels 'inductor'), got {inp.kernels!r}")
     if inp.recompute_layers is not None and not 0 <= inp.recompute_layers <= inp.preset.llm.layers:
         raise ValueError(f"recompute_layers must be 0..{inp.preset.llm.layers}, got {inp.recompute_layers}")
+    if inp.offload_layers < 0:
+        raise ValueError(f"offload_layers must be >= 0, got {inp.offload_layers}")
     if inp.tokens is not None and inp.tokens < 1:
         raise ValueError(f"tokens must be >= 1, got {inp.tokens}")
     if inp.dp_size < 1 or inp.micro_batch < 1 or inp.seq_len < 1:

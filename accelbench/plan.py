@@ -7,6 +7,7 @@ backend's adjust hook applies vendor limits. Every change is an ``Adjustment``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from collections.abc import Iterable
 from typing import Any
 
 from .capabilities import Adjustment
@@ -33,6 +34,8 @@ LEVERS = {
     "elementwise-recompute": "compiled decoder layers that keep their activations also keep the normed inputs, the "
                              "attention output and the SwiGLU product (Inductor's default) instead of recomputing "
                              "them in the backward",
+    "offload-activations": "replay the decoder layers that memory cannot keep instead of keeping some of them in "
+                           "host memory, copied there and back beside the compute",
 }
 
 
@@ -76,6 +79,7 @@ class RunPlan:
     kernels: str = "hf"  # "hf" (transformers' modules) or a fused kernel set the backend offers ("liger")
     loss: str = "objective"  # "objective" (target positions only, chunked) or "hf" (transformers' own)
     recompute: int | str = "auto"  # decoder layers to replay: "auto" (memory model), "all" or a number
+    offload: int | str = "auto"  # kept decoder layers offloaded to host memory: "auto" (host link budget) or a number
     recompute_layers: int = 0  # resolved: how many decoder layers are checkpointed (at the longest micro-batch)
     # "auto" (lever "batch-recompute"): [max_tokens, replayed layers] rows, so that each micro-batch replays only
     # what its own size needs (memory.recompute_table); empty: every micro-batch replays recompute_layers
@@ -88,6 +92,9 @@ class RunPlan:
     # resolved (lever "elementwise-recompute"): compiled layers that keep their activations keep only what needs a
     # GEMM to recompute, where memory makes some layers replay (fit_recompute)
     elementwise_recompute: bool = False
+    # resolved (lever "offload-activations"): kept decoder layers whose saved tensors wait in host memory, as many
+    # as the host link moves within the forward, where memory makes some layers replay (fit_recompute)
+    offload_layers: int = 0
     env: dict[str, str] = field(default_factory=dict)
     adjustments: list[Adjustment] = field(default_factory=list)
     memory: dict[str, Any] | None = None  # the memory estimate at the chosen micro-batch
@@ -153,11 +160,12 @@ class RunPlan:
             "zero_stage": self.zero_stage, "lr": self.lr, "dtype": self.dtype, "tf32": self.tf32,
             "attn_implementation": self.attn_implementation, "gradient_checkpointing": self.grad_ckpt,
             "packed": self.packed, "kernels": self.kernels, "loss": self.loss, "recompute": self.recompute,
+            "offload": self.offload,
             "recompute_layers": self.recompute_layers, "recompute_table": [list(r) for r in self.recompute_table],
             "micro_batch_tokens": self.micro_batch_tokens,
             "without": list(self.without), "zero3_buckets": self.zero3_buckets, "balanced_ranks": self.balanced_ranks,
             "lean_step": self.lean_step, "elementwise_recompute": self.elementwise_recompute,
-            "ds_overrides": self.deepspeed_overrides(),
+            "offload_layers": self.offload_layers, "ds_overrides": self.deepspeed_overrides(),
             "env": dict(self.env), "adjustments": [a.to_dict() for a in self.adjustments],
             "memory_estimate": self.memory, "usable_memory_bytes": self.usable_memory, "notes": list(self.notes),
         }
@@ -196,6 +204,7 @@ def memory_input(plan: RunPlan, micro_batch: int | None = None) -> Any:
                            grad_ckpt=plan.grad_ckpt, attn_impl=plan.attn_implementation, ds_config=ds,
                            loss_impl=plan.loss, packed=plan.packed, kernels=plan.kernels,
                            elementwise_recompute=plan.elementwise_recompute,
+                           offload_layers=plan.offload_layers if planned else 0,
                            tokens=plan.micro_batch_tokens if planned else None,
                            recompute_layers=plan.recompute_layers if planned else None)
 
@@ -215,7 +224,7 @@ def estimate(plan: RunPlan, micro_batch: int | None = None) -> Any:
 
 def build_plan(backend: Any, *, case: str, stage: str, nproc: int = 1, micro_batch: int | str | None = None,
                grad_accum: int = 1, seq_len: int = CASE_SEQ, zero_stage: int | None = None,
-               lr: float | None = None, grad_ckpt: bool = True, recompute: int | str = "auto",
+               lr: float | None = None, grad_ckpt: bool = True, recompute: int | str = "auto", offload: int | str = "auto",
                without: tuple[str, ...] | list[str] = (), ds_overrides: dict[str, Any] | None = None) -> RunPlan:
     """Resolve a plan for ``backend`` (a ``backends.Backend``) on its machine."""
     preset = get_preset(case)
@@ -232,6 +241,10 @@ def build_plan(backend: Any, *, case: str, stage: str, nproc: int = 1, micro_bat
     if lr is not None and not (0 < lr < 1):
         raise ConfigError(f"--lr {lr!r} is impossible: give a learning rate between 0 and 1, e.g. 2e-5")
     recompute = check_levers(recompute, without, preset.llm.layers)
+    offload = parse_offload(offload, without, preset.llm.layers)
+    if offload and offload != "auto" and backend.host_link() is None:
+        raise ConfigError(f"--offload {offload}: backend {backend.name!r} has no host link to offload over (its "
+                          f"device computes in host memory); drop --offload")
     defaults = STAGE_DEFAULTS[stage]
     requested = parse_mbs(micro_batch) if micro_batch is not None else defaults.micro_batch
     info = backend.device_info()
@@ -241,7 +254,7 @@ def build_plan(backend: Any, *, case: str, stage: str, nproc: int = 1, micro_bat
         micro_batch=requested if isinstance(requested, int) else defaults.micro_batch,
         grad_accum=grad_accum, seq_len=seq_len, zero_stage=defaults.zero_stage if zero_stage is None else zero_stage,
         lr=(dict(preset.stage_lr).get(stage, defaults.lr) if lr is None else lr), grad_ckpt=grad_ckpt,
-        recompute="all" if "selective-recompute" in without else recompute,
+        recompute="all" if "selective-recompute" in without else recompute, offload=offload,
         recompute_layers=preset.llm.layers if grad_ckpt else 0, without=tuple(without),
         ds_overrides=dict(ds_overrides or {}),
     )
@@ -290,6 +303,22 @@ def parse_recompute(value: int | str, layers: int) -> int | str:
     return n
 
 
+def parse_offload(value: int | str, without: tuple[str, ...] | list[str], layers: int) -> int | str:
+    """--offload: "auto" or a number of decoder layers; checked against --without offload-activations."""
+    if value == "auto":
+        return value
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        n = -1
+    if not 0 <= n <= layers:
+        raise ConfigError(f"--offload {value!r} is impossible: give auto or a number of decoder layers 0..{layers}")
+    if n and "offload-activations" in without:
+        raise ConfigError(f"--offload {value} and --without offload-activations contradict each other: give one of "
+                          f"them")
+    return n
+
+
 def fit_recompute(plan: RunPlan, backend: Any, micro_batch_tokens: int | None = None) -> None:
     """Resolve how many decoder layers replay their forward, then the plan's memory estimate.
 
@@ -309,19 +338,21 @@ def fit_recompute(plan: RunPlan, backend: Any, micro_batch_tokens: int | None = 
     _choose_zero3_buckets(plan, calibration)
     plan.recompute_table = []
     plan.elementwise_recompute = False
+    plan.offload_layers = 0
     if not plan.grad_ckpt:
         plan.recompute_layers = 0
-    elif plan.recompute == "all":
-        plan.recompute_layers = layers
-    elif isinstance(plan.recompute, int):
-        plan.recompute_layers = plan.recompute
+    elif plan.recompute != "auto":
+        plan.recompute_layers = layers if plan.recompute == "all" else int(plan.recompute)
+        if isinstance(plan.offload, int):
+            plan.offload_layers = plan.offload  # as many of them as are kept below the top ones (memory.py)
     else:
         plan.recompute_layers = layers  # the estimate to start from
         usable = int((plan.usable_memory or 0) / calibration)
         k, _ = fit(memory_input(plan), usable)
         # a re-fit (the data's bound) replaces the earlier records
         plan.adjustments = [a for a in plan.adjustments
-                            if a.what not in ("recompute_layers", "recompute_table", "elementwise_recompute")]
+                            if a.what not in ("recompute_layers", "recompute_table", "elementwise_recompute",
+                                              "offload_layers")]
         if k and plan.kernels == COMPILED_KERNELS and "elementwise-recompute" not in plan.without:
             plan.elementwise_recompute = True  # memory binds: a smaller kept layer means fewer replayed ones
             without, (k, _) = k, fit(memory_input(plan), usable)
@@ -329,6 +360,7 @@ def fit_recompute(plan: RunPlan, backend: Any, micro_batch_tokens: int | None = 
                 "elementwise_recompute", False, True, f"kept compiled layers save only what needs a GEMM to "
                 f"recompute (norm inputs, q, k, v, gate, up): {k} layers replayed at the longest micro-batch "
                 f"instead of {without} (--without elementwise-recompute)", "planner"))
+        k = _fit_offload(plan, backend, usable, k)
         plan.recompute_layers = k
         tokens = (f"{plan.micro_batch_tokens} tokens, the data's longest micro-batch" if plan.micro_batch_tokens
                   else f"{plan.micro_batch * plan.seq_len} tokens (LBS x MPE)")
@@ -355,6 +387,55 @@ def fit_recompute(plan: RunPlan, backend: Any, micro_batch_tokens: int | None = 
         plan.notes.append(f"{OVER_MEMORY}({plan.memory['calibrated_total']:.1f} GiB) exceeds the "
                           f"{plan.usable_memory / 2**30:.1f} GiB usable: expect out-of-memory (use --mbs auto, "
                           f"--recompute auto or more processes)")
+
+
+def _fit_offload(plan: RunPlan, backend: Any, usable: int, replayed: int) -> int:
+    """Lever "offload-activations": the fewest replayed layers that fit once some kept layers wait in host memory
+    (train/offload.py); returns them. ``--offload auto`` offloads no more layers than the host link moves while the
+    forward runs, and only where that replaces replays; ``--offload N`` offloads N (as many as there are kept layers
+    below the top offload.LOOKAHEAD).
+
+    The budget: each offloaded layer's saved tensors cross the link once each way, and the forward of the layers
+    that are not replayed must hide the copies to the host. A layer's forward is timed at the device's peak for its
+    GEMMs alone, its shortest possible time, so the budget errs on the side of copies that stay hidden."""
+    from .memory import estimate_memory, layer_saved_bytes_per_token
+    from .train.flops import llm_layer_matmul_params
+
+    link = backend.host_link()
+    peak = backend.peak_flops(plan.device_name, plan.dtype).flops
+    if plan.offload == 0 or "offload-activations" in plan.without or not link:
+        return replayed
+    inp = memory_input(plan)
+    saved = layer_saved_bytes_per_token(inp)
+    layers = plan.preset.llm.layers
+    if plan.offload == "auto":
+        if not replayed or not peak:
+            return replayed
+        # layers offloadable per layer of forward: the forward's time / one layer's copy time (both per token)
+        per_layer = (2 * llm_layer_matmul_params(plan.preset) / peak) / (saved / link)
+        why = f"at most {per_layer:.2f} layers per layer of forward at the peak FLOP/s"
+    else:
+        why = f"--offload {plan.offload}"
+
+    def counts(fewer: int) -> Iterable[int]:
+        if plan.offload != "auto":
+            return [int(plan.offload)]
+        return range(1, int((layers - fewer) * per_layer) + 1)
+
+    for fewer in range(replayed + 1):
+        for count in counts(fewer):
+            trial = replace(inp, recompute_layers=fewer, offload_layers=count)
+            if plan.offload == "auto" and trial.offloaded_layers < count:
+                continue  # fewer kept layers than the count
+            if trial.offloaded_layers and estimate_memory(trial).total <= usable:
+                count = plan.offload_layers = trial.offloaded_layers
+                plan.adjustments.append(Adjustment(
+                    "offload_layers", 0, count, f"{count} kept decoder layers wait in host memory for the backward, "
+                    f"{saved} bytes a token each, copied beside the compute ({link / 1e9:.0f} GB/s each way; "
+                    f"{why}): {fewer} layers replayed at the longest micro-batch instead of {replayed} "
+                    f"(--without offload-activations)", "planner"))
+                return fewer
+    return replayed
 
 
 BUCKETS_NOTE = "ZeRO-3 buckets stay LLaVA's"

@@ -12,7 +12,7 @@ from accelbench.hookspecs import hookimpl
 from accelbench.machine import MachineFacts
 from accelbench.monitor import query_smi
 
-from .peak_table import lookup
+from .peak_table import LANE_BYTES, lookup, pcie_generation
 
 NAME = "nvidia"
 __version__ = "0.1.0"
@@ -182,3 +182,27 @@ def accelbench_is_oom(backend: str, error: BaseException) -> bool | None:
     if backend != NAME:
         return None
     return type(error).__name__ == "OutOfMemoryError" or "CUDA out of memory" in str(error)
+
+
+# Pinned-memory copies reach this share of the link's rate (benchmarks/gpu/host_link.py measures it)
+COPY_EFFICIENCY = 0.8
+
+
+def _pcie_link() -> tuple[int, int] | None:
+    """(generation, lanes) of device 0's link as this system can run it, from NVML."""
+    def read(nv: Any) -> tuple[int, int]:
+        handle = nv.nvmlDeviceGetHandleByIndex(0)
+        return int(nv.nvmlDeviceGetMaxPcieLinkGeneration(handle)), int(nv.nvmlDeviceGetMaxPcieLinkWidth(handle))
+
+    return _nvml(read)
+
+
+@hookimpl
+def accelbench_host_link(backend: str, machine: MachineFacts) -> float | None:
+    if backend != NAME or not machine.device_names:
+        return None
+    link = None if machine.described else _pcie_link()
+    gen, lanes = link or (pcie_generation(machine.device_names[0]), 16)  # else the product's datasheet
+    if gen not in LANE_BYTES:
+        return None
+    return COPY_EFFICIENCY * LANE_BYTES[gen] * lanes

@@ -30,3 +30,13 @@ def lookup(device_name: str, dtype: str) -> tuple[float | None, str]:
                 return peaks[dtype], source
             return None, f"{source} gives no dense {dtype} figure"
     return None, f"unknown device {device_name!r}: not in the NVIDIA peak table"
+
+
+# PCIe generation of each product's host link (x16), from the same datasheets; NVL and PCIe boards alike
+PCIE_GEN: list[tuple[str, int]] = [(r"H200|H100|H800|GH200", 5), (r"A100|A800|L40S|A30\b|A10\b", 4), (r"V100", 3)]
+LANE_BYTES = {3: 0.985e9, 4: 1.969e9, 5: 3.938e9, 6: 7.563e9}  # per lane and direction, after line encoding
+
+
+def pcie_generation(device_name: str) -> int | None:
+    name = device_name.upper()
+    return next((gen for pattern, gen in PCIE_GEN if re.search(pattern, name)), None)

@@ -437,7 +437,7 @@ def test_parse_recompute():
             parse_recompute(bad, 40)
     assert set(LEVERS) == {"packing", "selective-recompute", "batch-recompute", "target-loss", "fused-kernels",
                            "compiled-layers", "loader-workers", "zero3-buckets", "balanced-ranks", "lean-step",
-                           "elementwise-recompute"}
+                           "elementwise-recompute", "offload-activations"}
 
 
 def test_refit_with_the_data_bound_replaces_the_record(h200):
@@ -469,7 +469,7 @@ def test_refit_with_the_data_bound_replaces_the_record(h200):
 
 def test_each_micro_batch_replays_what_its_size_needs(h200):
     def finetune(**kw):
-        plan = build_plan(h200, case="llava1.5-13b", stage="finetune", nproc=4, **kw)
+        plan = build_plan(h200, case="llava1.5-13b", stage="finetune", nproc=2, **kw)
         fit_recompute(plan, h200, micro_batch_tokens=20996)
         return plan
 

@@ -40,6 +40,10 @@ class StepRecord:
     compiled: bool = False  # torch.compile made a graph during this step, on some rank (a one-off cost)
     replayed_layers: int | None = None  # decoder layers replayed in this step's largest micro-batch (checkpointing)
     mem_step_peak: int | None = None  # peak allocated during this step on this process (bytes; GPU only)
+    # lever "offload-activations", this process: bytes copied to host memory this step, and saved tensors its
+    # backward needed before their copy back had been started (0 when every one was fetched ahead)
+    offloaded_bytes: int | None = None
+    offload_late: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -45,6 +45,7 @@ class RunOptions:
     hang_timeout: float | None = None  # None: DEFAULT_HANG_TIMEOUT (a resume keeps its run's); 0: no watchdog
     resume: str | None = None  # a run directory to continue
     recompute: str = "auto"  # decoder layers replayed: auto (memory model), all, or a number
+    offload: str = "auto"  # decoder layers whose activations wait in host memory: auto (host link budget) or a number
     without: list[str] = field(default_factory=list)  # levers turned off, for ablations (plan.LEVERS)
     profile: str | None = None  # "A-B": torch.profiler over optimizer steps A..B of each stage
     ds_config: str | None = None  # a DeepSpeed JSON merged over accelbench's config (ZeRO buckets, prefetch)
@@ -59,7 +60,7 @@ def cache_dir() -> Path:
 def validate(opts: RunOptions) -> None:
     """Refuse impossible options before any heavy import (no torch, no transformers)."""
     from ..cases import get_preset
-    from ..plan import check_levers, check_positive, parse_mbs
+    from ..plan import check_levers, check_positive, parse_mbs, parse_offload
 
     if opts.save_every is not None:
         check_positive("--save-every", opts.save_every, "give a number of optimizer steps, 1 or more")
@@ -69,7 +70,8 @@ def validate(opts: RunOptions) -> None:
         if not Path(opts.resume, "run_config.json").is_file():
             raise ConfigError(f"--resume {opts.resume!r} is not a run directory (no run_config.json): give the "
                               f"--out folder of an earlier `accelbench run`")
-        given = [o for o, v in (("--recompute", opts.recompute != "auto"), ("--without", bool(opts.without)),
+        given = [o for o, v in (("--recompute", opts.recompute != "auto"), ("--offload", opts.offload != "auto"),
+                                ("--without", bool(opts.without)),
                                 ("--profile", opts.profile is not None), ("--ds-config", opts.ds_config is not None))
                  if v]
         if given:
@@ -85,6 +87,7 @@ def validate(opts: RunOptions) -> None:
         raise ConfigError(f"--steps {opts.steps} is impossible: give 1 or more optimizer steps")
     parse_mbs(opts.mbs)
     check_levers(opts.recompute, opts.without, preset.llm.layers)
+    parse_offload(opts.offload, opts.without, preset.llm.layers)
     from .profiling import parse_profile_steps
 
     parse_profile_steps(opts.profile, opts.steps or DEFAULT_STEPS)
@@ -193,7 +196,8 @@ def run(opts: RunOptions) -> dict[str, Any]:
         mbs = opts.mbs if opts.mbs is not None else (TINY_MBS[stage] if opts.case == "tiny" else None)
         plans[stage] = build_plan(backend, case=opts.case, stage=stage, nproc=world, micro_batch=mbs,
                                   grad_accum=opts.gas, seq_len=opts.seq, zero_stage=opts.zero_stage, lr=opts.lr,
-                                  recompute=opts.recompute, without=opts.without, ds_overrides=overrides)
+                                  recompute=opts.recompute, offload=opts.offload, without=opts.without,
+                                  ds_overrides=overrides)
     data = prepare_data(opts, preset.vision.image_size, preset.llm.vocab if opts.case == "tiny" else 1024)
     run_dir = Path(opts.out) if opts.out else default_run_dir(opts.case)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -12,13 +12,14 @@ from torch.profiler import record_function
 
 from ..capabilities import Adjustment
 from ..cases import get_preset
-from ..memory import replays_for
+from ..memory import offloaded_positions, replays_for
 from ..progress import Progress
 from . import checkpoint, faults, zero3_step
 from .config import RunConfig
 from .objective import LlavaObjective, lm_head_calls
 from .metrics import EventLog, StepRecord, read_step_records, rss_bytes, summarize, warmup_steps
 from .model import replay_first_layers
+from .offload import ActivationOffload
 
 
 def cosine_with_warmup(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float = 0.03) -> Any:
@@ -68,6 +69,7 @@ class StageRunner:
         self.device = torch.device(dev_type, local_rank) if dev_type != "cpu" else torch.device("cpu")
         self.stage_dir = Path(cfg.run_dir) / stage
         self.compiled_layers = 0  # decoder layers compiled by torch.compile (kernel set "inductor")
+        self.offload: ActivationOffload | None = None  # lever "offload-activations" (build_engine)
         self._peaks: dict[str, int] = {}  # the run's memory peaks (_peak)
         if rank == 0:
             self.stage_dir.mkdir(parents=True, exist_ok=True)
@@ -126,6 +128,9 @@ class StageRunner:
         self.compiled_layers = compile_layers(model, self.plan.get("kernels", "hf"),
                                               self.plan.get("elementwise_recompute", False))
         linears_as_under_zero3_default(model, zero3)  # image features round as in the peer
+        if self.plan.get("offload_layers"):  # after compile_layers: the compiled forward runs inside its hooks
+            self.offload = ActivationOffload(self.device)
+            self.offload.attach(model.model.language_model.layers)
         optimizer = adamw(trainable, self.plan["lr"])
         scheduler = cosine_with_warmup(optimizer, self.cfg.steps[self.stage])
         p = self.plan
@@ -241,6 +246,8 @@ class StageRunner:
             if self.device.type == "cuda":  # each step's own peak; mem_allocated keeps the run's
                 torch.cuda.reset_peak_memory_stats(self.device)
             t0 = time.perf_counter()
+            if self.offload is not None:
+                self.offload.reset_counts()
             real = padded = samples = 0
             mflops = hflops = 0.0
             losses, ids = [], []
@@ -257,6 +264,10 @@ class StageRunner:
                     faults.before_micro_step(self.stage, n, rank=self.rank, micro_batch=mbs, backend=self.backend.name)
                     if p.get("recompute_table"):  # otherwise enable_checkpointing set the plan's fixed layers
                         replay_first_layers(model, replays[micro])
+                    if self.offload is not None:
+                        layers = self.preset.llm.layers
+                        replayed = layers if replays[micro] is None else replays[micro]
+                        self.offload.set_layers(offloaded_positions(layers, replayed, p["offload_layers"]))
                     with record_function("accelbench/data"):
                         inputs = model_inputs(batch, self.device, model.dtype)
                     with record_function("accelbench/forward"):
@@ -309,6 +320,8 @@ class StageRunner:
                 warmup=step < warm, compiled=float(stats[7]) > 0,
                 replayed_layers=max(replays),
                 mem_step_peak=self._mem("max_memory_allocated") if self.device.type == "cuda" else None,
+                offloaded_bytes=None if self.offload is None else self.offload.bytes_offloaded,
+                offload_late=None if self.offload is None else self.offload.late,
             )
             records.append(rec)
             if self.rank == 0:

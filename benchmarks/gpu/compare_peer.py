@@ -22,6 +22,7 @@ CPU smoke test of this script (runs here): ``python benchmarks/gpu/compare_peer.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from dataclasses import replace
 import tempfile
@@ -58,6 +59,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--ablate", default="", metavar="LEVER[,LEVER]",
                    help="after the pair, one accelbench run per lever with `--without LEVER` (accelbench.plan.LEVERS)")
+    p.add_argument("--variants", default="", metavar="OPTIONS[;OPTIONS]",
+                   help="after the pair, one accelbench run per ';'-separated set of extra `accelbench run` options, "
+                        "e.g. '--offload 6;--offload 10'")
     p.add_argument("--no-peer", action="store_true", help="accelbench (and its ablations) only")
     p.add_argument("--no-accelbench", action="store_true",
                    help="the peer only (--repeats runs), with the 5e8-element ZeRO-3 buckets of accelbench's plan")
@@ -131,6 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         results = cc.run_interleaved(s, out, a.repeats, peer_torchrun=True, timeout=a.path_timeout)
     ablations = [ablate(s, out, a.without, lever, a.path_timeout) for lever in a.ablate.split(",")
                  if lever and lever not in a.without.split(",")]
+    ablations += [variant(s, out, options, a.path_timeout) for options in a.variants.split(";") if options.strip()]
     add_utilisation(results + ablations, a.peak_tflops * 1e12)
     print(f"\nMFU/HFU: accelbench's analytic FLOPs per GPU-second / {a.peak_tflops} TFLOP/s; "
           f"steady steps {results[0].summary.get('steady_steps')} of {a.steps}")
@@ -156,8 +161,17 @@ def print_loss_check(results: Sequence[cc.RunResult], ablations: Sequence[cc.Run
 
 
 def ablate(s: cc.Settings, out: Path, without: str, lever: str, timeout: float) -> cc.RunResult:
-    label = f"accelbench --without {lever}"
-    settings = replace(s, accelbench_args=("--without", ",".join(filter(None, (without, lever)))))
+    return extra_run(s, out, f"accelbench --without {lever}",
+                     ("--without", ",".join(filter(None, (without, lever)))), timeout)
+
+
+def variant(s: cc.Settings, out: Path, options: str, timeout: float) -> cc.RunResult:
+    return extra_run(s, out, f"accelbench {options.strip()}", (*s.accelbench_args, *shlex.split(options)), timeout)
+
+
+def extra_run(s: cc.Settings, out: Path, label: str, accelbench_args: tuple[str, ...], timeout: float) -> cc.RunResult:
+    """One more accelbench run after the pair, on the same data, with other options."""
+    settings = replace(s, accelbench_args=accelbench_args)
     result = cc.attempt(label, 0, lambda: cc.run_accelbench(settings, out, 0, timeout=timeout, label=label))
     print(f"  {label}: {result.summary.get('error') or format(result.tps, '.1f') + ' tok/s/proc'}", flush=True)
     return result

@@ -2,10 +2,11 @@
 # The measurements recorded in docs/gpu-h200.md, docs/performance.md and docs/performance-history.md, run through
 # the device tool:
 #   bash benchmarks/gpu/h200_suite.sh PHASE...
-# phases: info nccl gemm saves varlen liger run7b run13b mem7b mem13b auto7b prof-CASE-STAGE (e.g. prof-13b-finetune)
+# phases: info nccl gemm saves hostlink varlen liger run7b run13b mem7b mem13b auto7b prof-CASE-STAGE (e.g. prof-13b-finetune)
 #         peer-CASE-STAGE (e.g. peer-13b-pretrain, peer-13b-finetune, peer-7b-finetune) and
 #         fixed-CASE-STAGE (every sample 1024 tokens, 576 of them image tokens)
-# ABLATE=lever,lever adds one accelbench run per lever without it (peer-/fixed- phases); NO_PEER=1 skips the
+# ABLATE=lever,lever adds one accelbench run per lever without it (peer-/fixed- phases); VARIANTS='OPTIONS;OPTIONS'
+# one accelbench run per set of extra options (e.g. VARIANTS='--offload 6;--offload 10'); NO_PEER=1 skips the
 # peer; NO_ACCELBENCH=1 runs the peer alone, PEER_ATTN=eager and PEER_OPTIM=adamw_torch its rounding variants
 # (compare_peer.py --peer-attn/--peer-optim); STEPS (default 10); MBS (peer-/fixed- phases: micro-batch per GPU,
 # default the stage's LLaVA value);
@@ -63,6 +64,8 @@ for arg in "$@"; do
       timeout 120 python3 benchmarks/gpu/gemm_tflops.py | tee "$OUT/gemm_tflops.jsonl" ;;
     saves)  # what one compiled decoder layer saves for its backward, against the memory model (7B widths)
       timeout 300 python3 benchmarks/gpu/layer_saves.py | tee "$OUT/layer_saves.jsonl" ;;
+    hostlink)  # pinned copies to and from the host, alone and beside GEMMs (lever offload-activations)
+      timeout 120 python3 benchmarks/gpu/host_link.py | tee "$OUT/host_link.jsonl" ;;
     varlen)
       python3 benchmarks/gpu/check_varlen.py 2>&1 | tail -3 ;;
     prof-*)  # e.g. prof-13b-finetune: torch.profiler over steps 3-4, summaries to $OUT/prof-.../
@@ -82,7 +85,7 @@ for arg in "$@"; do
       timeout "${PHASE_TIMEOUT:-400}" python3 benchmarks/gpu/compare_peer.py --case "llava1.5-$size" --stage "$stage" \
         --path-timeout "${PATH_TIMEOUT:-$(( ${PHASE_TIMEOUT:-400} / 2 - 10 ))}" \
         --steps "$STEPS" --nproc "$NPROC" ${MBS:+--mbs "$MBS"} ${REPEATS:+--repeats "$REPEATS"} "${fixed[@]}" "${tuned[@]}" --out "/tmp/$label" --json "$OUT/$label.json" \
-        ${WITHOUT:+--without $WITHOUT} ${ABLATE:+--ablate $ABLATE} ${NO_PEER:+--no-peer} \
+        ${WITHOUT:+--without $WITHOUT} ${ABLATE:+--ablate $ABLATE} ${VARIANTS:+--variants "$VARIANTS"} ${NO_PEER:+--no-peer} \
         ${NO_ACCELBENCH:+--no-accelbench} ${PEER_ATTN:+--peer-attn $PEER_ATTN} ${PEER_OPTIM:+--peer-optim $PEER_OPTIM} \
         2>&1 | grep -v INFO | tail -24
       for e in /tmp/"$label"/*/run/events.jsonl; do  # per-step times of every path
