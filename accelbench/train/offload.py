@@ -32,13 +32,14 @@ class _Saved:
     __slots__ = ("host", "device", "copied", "back", "arrived")
 
     def __init__(self, host: torch.Tensor, device: torch.device, copied: Any):
-        self.host, self.device, self.copied = host, device, copied  # copied: the D2H's event (None on a CPU device)
+        self.host: torch.Tensor | None = host
+        self.device, self.copied = device, copied  # copied: the D2H's event (None on a CPU device)
         self.back: torch.Tensor | None = None  # the device copy, once fetched
         self.arrived: Any = None  # the H2D's event
 
     def fetch(self, stream: Any) -> None:
         """Copy back to the device on ``stream`` (a side stream, or None: the current one)."""
-        if self.back is not None:
+        if self.back is not None or self.host is None:  # fetched already, or taken
             return
         if stream is None:
             self.back = _empty_like(self.host, self.device)
@@ -61,8 +62,9 @@ class _Saved:
             current = torch.cuda.current_stream(self.device)
             current.wait_event(self.arrived)
             self.back.record_stream(current)  # allocated on the H2D stream, used and freed on this one
-        self.host = None  # type: ignore[assignment]  # back to the pinned cache once the copy has run
-        back, self.arrived = self.back, None
+        # the pinned buffer goes back to torch's cache once the copy has run; the device copy lives as long as the
+        # backward node that asked for it
+        back, self.back, self.host, self.arrived = self.back, None, None, None
         return back  # type: ignore[return-value]
 
 
