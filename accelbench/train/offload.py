@@ -68,9 +68,36 @@ class _Saved:
         return back  # type: ignore[return-value]
 
 
-def _empty_like(t: torch.Tensor, device: torch.device | str, pin: bool = False) -> torch.Tensor:
+def _empty_like(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     # the same strides: a compiled backward asserts them on what it saved
-    return torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device=device, pin_memory=pin)
+    return torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device=device)
+
+
+class _Arena:
+    """Pinned host memory that one offloaded layer's saved tensors are copied into, reused every micro-batch.
+
+    Pinning is slow (page-locking gigabytes takes seconds), so it happens when a micro-batch is larger than any
+    before, with room to spare (``GROWTH``), and not every step."""
+
+    ALIGN, GROWTH = 512, 1.25
+
+    def __init__(self, pin: bool):
+        self.pin = pin
+        self.memory = torch.empty(0, dtype=torch.uint8)
+        self.used = 0
+
+    def take_like(self, t: torch.Tensor) -> torch.Tensor:
+        """Host memory shaped and strided like ``t``."""
+        span = 1 + sum((n - 1) * st for n, st in zip(t.size(), t.stride())) if t.numel() else 0
+        nbytes = span * t.element_size()
+        if self.used + nbytes > self.memory.numel():
+            # earlier tensors of this micro-batch keep the old memory alive until the backward takes them
+            self.memory = torch.empty(int((self.used + nbytes) * self.GROWTH), dtype=torch.uint8, pin_memory=self.pin)
+            self.used = 0
+        start = self.used
+        self.used = -(-(start + nbytes) // self.ALIGN) * self.ALIGN
+        flat = self.memory[start:start + nbytes].view(t.dtype)
+        return flat.as_strided(t.size(), t.stride())
 
 
 class ActivationOffload:
@@ -84,6 +111,7 @@ class ActivationOffload:
         self.pin = cuda
         self.layers: frozenset[int] = frozenset()
         self.groups: dict[int, list[_Saved]] = {}  # layer index -> its saved tensors on the host, this micro-batch
+        self.arenas: dict[int, _Arena] = {}  # layer index -> the pinned memory its saved tensors are copied into
         self.bytes_offloaded = 0  # since the last reset_counts: to the host
         self.late = 0  # tensors the backward needed before their copy back was started
 
@@ -110,7 +138,9 @@ class ActivationOffload:
                     {k: v for k, v in kwargs.items() if k != "hidden_states"}
                 shared = {t.untyped_storage().data_ptr() for t in (*layer.parameters(), *_tensors(others))}
                 saved = self.groups[index] = []
-                with torch.autograd.graph.saved_tensors_hooks(self._packer(saved, shared), self._unpack):
+                arena = self.arenas.setdefault(index, _Arena(self.pin))
+                arena.used = 0  # the last micro-batch's copies back were waited for by the backward that took them
+                with torch.autograd.graph.saved_tensors_hooks(self._packer(saved, shared, arena), self._unpack):
                     out = inner(*args, **kwargs)
             else:
                 out = inner(*args, **kwargs)
@@ -121,12 +151,12 @@ class ActivationOffload:
 
         return forward
 
-    def _packer(self, saved: list[_Saved], shared: set[int]) -> Any:
+    def _packer(self, saved: list[_Saved], shared: set[int], arena: "_Arena") -> Any:
         def pack(t: torch.Tensor) -> Any:
             if (t.device != self.device or t.numel() * t.element_size() < self.min_bytes
                     or t.untyped_storage().data_ptr() in shared):
                 return t
-            host = _empty_like(t, "cpu", pin=self.pin)
+            host = arena.take_like(t)
             copied = None
             if self.to_host is not None:
                 self.to_host.wait_stream(torch.cuda.current_stream(self.device))  # t is computed
