@@ -95,6 +95,7 @@ class RunPlan:
     # resolved (lever "offload-activations"): kept decoder layers whose saved tensors wait in host memory, as many
     # as the host link moves within the forward, where memory makes some layers replay (fit_recompute)
     offload_layers: int = 0
+    offload_layer_bytes: int = 0  # what one offloaded layer saves at the largest micro-batch (its pinned memory)
     env: dict[str, str] = field(default_factory=dict)
     adjustments: list[Adjustment] = field(default_factory=list)
     memory: dict[str, Any] | None = None  # the memory estimate at the chosen micro-batch
@@ -165,7 +166,7 @@ class RunPlan:
             "micro_batch_tokens": self.micro_batch_tokens,
             "without": list(self.without), "zero3_buckets": self.zero3_buckets, "balanced_ranks": self.balanced_ranks,
             "lean_step": self.lean_step, "elementwise_recompute": self.elementwise_recompute,
-            "offload_layers": self.offload_layers, "ds_overrides": self.deepspeed_overrides(),
+            "offload_layers": self.offload_layers, "offload_layer_bytes": self.offload_layer_bytes, "ds_overrides": self.deepspeed_overrides(),
             "env": dict(self.env), "adjustments": [a.to_dict() for a in self.adjustments],
             "memory_estimate": self.memory, "usable_memory_bytes": self.usable_memory, "notes": list(self.notes),
         }
@@ -338,7 +339,7 @@ def fit_recompute(plan: RunPlan, backend: Any, micro_batch_tokens: int | None = 
     _choose_zero3_buckets(plan, calibration)
     plan.recompute_table = []
     plan.elementwise_recompute = False
-    plan.offload_layers = 0
+    plan.offload_layers = plan.offload_layer_bytes = 0
     if not plan.grad_ckpt:
         plan.recompute_layers = 0
     elif plan.recompute != "auto":
@@ -380,6 +381,11 @@ def fit_recompute(plan: RunPlan, backend: Any, micro_batch_tokens: int | None = 
                     f"each micro-batch replays the fewest layers whose estimate fits at its own size: {fewest} up "
                     f"to {small} tokens, {most} at {large} (--without batch-recompute: {k} in every one)",
                     "planner"))
+    if plan.offload_layers:
+        from .memory import layer_saved_bytes_per_token
+
+        inp = memory_input(plan)
+        plan.offload_layer_bytes = inp.micro_batch_tokens * layer_saved_bytes_per_token(inp)
     plan.memory = estimate(plan).to_dict()
     plan.memory["calibration"] = calibration
     plan.memory["calibrated_total"] = plan.memory["total"] * calibration

@@ -76,42 +76,50 @@ def _empty_like(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
 class _Arena:
     """Pinned host memory that one offloaded layer's saved tensors are copied into, reused every micro-batch.
 
-    Pinning is slow (page-locking gigabytes takes seconds), so it happens when a micro-batch is larger than any
-    before, with room to spare (``GROWTH``), and not every step."""
+    Pinning is slow (page-locking a gigabyte takes a good part of a second), so it happens once, at the size the
+    planner expects of the largest micro-batch, and again only for a micro-batch larger than any before (with room
+    to spare, ``GROWTH``)."""
 
     ALIGN, GROWTH = 512, 1.25
 
-    def __init__(self, pin: bool):
+    def __init__(self, nbytes: int, pin: bool):
         self.pin = pin
-        self.memory = torch.empty(0, dtype=torch.uint8)
-        self.used = 0
+        self.memory = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+        self.start = 0  # where the next tensor goes in ``memory``
+        self.total = 0  # bytes this micro-batch asked for, in this and in outgrown memory
+
+    def reset(self) -> None:
+        """A new micro-batch: the backward that took the last one's tensors waited for their copies back."""
+        self.start = self.total = 0
 
     def take_like(self, t: torch.Tensor) -> torch.Tensor:
         """Host memory shaped and strided like ``t``."""
         span = 1 + sum((n - 1) * st for n, st in zip(t.size(), t.stride())) if t.numel() else 0
-        nbytes = span * t.element_size()
-        if self.used + nbytes > self.memory.numel():
-            # earlier tensors of this micro-batch keep the old memory alive until the backward takes them
-            self.memory = torch.empty(int((self.used + nbytes) * self.GROWTH), dtype=torch.uint8, pin_memory=self.pin)
-            self.used = 0
-        start = self.used
-        self.used = -(-(start + nbytes) // self.ALIGN) * self.ALIGN
-        flat = self.memory[start:start + nbytes].view(t.dtype)
+        nbytes = -(-span * t.element_size() // self.ALIGN) * self.ALIGN
+        self.total += nbytes
+        if self.start + nbytes > self.memory.numel():
+            # the tensors already placed keep the outgrown memory alive until the backward takes them
+            self.memory = torch.empty(int(self.total * self.GROWTH), dtype=torch.uint8, pin_memory=self.pin)
+            self.start = 0
+        flat = self.memory[self.start:self.start + span * t.element_size()].view(t.dtype)
+        self.start += nbytes
         return flat.as_strided(t.size(), t.stride())
 
 
 class ActivationOffload:
     """Offloads the saved tensors of the decoder layers named by ``set_layers`` (see the module's docstring)."""
 
-    def __init__(self, device: torch.device, min_bytes: int = MIN_BYTES):
-        self.device, self.min_bytes = device, min_bytes
+    def __init__(self, device: torch.device, layer_bytes: int = 0, min_bytes: int = MIN_BYTES):
+        """``layer_bytes``: what one layer is expected to save at the largest micro-batch (each offloaded layer's
+        pinned memory starts at that size)."""
+        self.device, self.layer_bytes, self.min_bytes = device, layer_bytes, min_bytes
         cuda = device.type == "cuda"
         self.to_host = torch.cuda.Stream(device) if cuda else None
         self.to_device = torch.cuda.Stream(device) if cuda else None
         self.pin = cuda
-        self.layers: frozenset[int] = frozenset()
+        self.layers: dict[int, int] = {}  # offloaded layer index -> its slot (the arena it copies into)
         self.groups: dict[int, list[_Saved]] = {}  # layer index -> its saved tensors on the host, this micro-batch
-        self.arenas: dict[int, _Arena] = {}  # layer index -> the pinned memory its saved tensors are copied into
+        self.arenas: list[_Arena] = []  # one per slot: the n-th offloaded layer of a micro-batch copies into the n-th
         self.bytes_offloaded = 0  # since the last reset_counts: to the host
         self.late = 0  # tensors the backward needed before their copy back was started
 
@@ -122,7 +130,9 @@ class ActivationOffload:
 
     def set_layers(self, indices: Iterable[int]) -> None:
         """The layers to offload from the next forward on (the stage sets them for each micro-batch)."""
-        self.layers = frozenset(indices)
+        self.layers = {index: slot for slot, index in enumerate(sorted(indices))}
+        while len(self.arenas) < len(self.layers):
+            self.arenas.append(_Arena(self.layer_bytes, self.pin))
 
     def reset_counts(self) -> None:
         self.bytes_offloaded = self.late = 0
@@ -138,8 +148,8 @@ class ActivationOffload:
                     {k: v for k, v in kwargs.items() if k != "hidden_states"}
                 shared = {t.untyped_storage().data_ptr() for t in (*layer.parameters(), *_tensors(others))}
                 saved = self.groups[index] = []
-                arena = self.arenas.setdefault(index, _Arena(self.pin))
-                arena.used = 0  # the last micro-batch's copies back were waited for by the backward that took them
+                arena = self.arenas[self.layers[index]]
+                arena.reset()
                 with torch.autograd.graph.saved_tensors_hooks(self._packer(saved, shared, arena), self._unpack):
                     out = inner(*args, **kwargs)
             else:

@@ -129,7 +129,7 @@ class StageRunner:
                                               self.plan.get("elementwise_recompute", False))
         linears_as_under_zero3_default(model, zero3)  # image features round as in the peer
         if self.plan.get("offload_layers"):  # after compile_layers: the compiled forward runs inside its hooks
-            self.offload = ActivationOffload(self.device)
+            self.offload = ActivationOffload(self.device, self.plan.get("offload_layer_bytes", 0))
             self.offload.attach(model.model.language_model.layers)
         optimizer = adamw(trainable, self.plan["lr"])
         scheduler = cosine_with_warmup(optimizer, self.cfg.steps[self.stage])
