@@ -337,6 +337,76 @@ def test_the_lean_step_is_zero3s_and_can_be_turned_off(h200):
     assert off.to_dict()["lean_step"] is False
 
 
+def _finetune7(backend, tokens=20996, **kw):
+    plan = build_plan(backend, case="llava1.5-7b", stage="finetune", nproc=1, **kw)
+    fit_recompute(plan, backend, micro_batch_tokens=tokens)  # the synthetic data's bound at LBS 16
+    return plan
+
+
+def test_offload_replaces_replays_within_the_host_link_budget(h200):
+    from accelbench.plan import OFFLOAD_FORWARD_PACE
+    from accelbench.report.result import optimizations
+
+    link = h200.host_link()
+    assert link == pytest.approx(0.8 * 16 * 3.938e9)  # PCIe 5 x16 at the NVIDIA backend's copy efficiency
+    plan, off = _finetune7(h200), _finetune7(h200, without=["offload-activations"])
+    k, o = plan.recompute_layers, plan.offload_layers
+    assert (off.recompute_layers, off.offload_layers) == (24, 0) and 0 < o and k < off.recompute_layers
+    # within the budget: the copies to the host fit in the forward of the layers that are not replayed
+    saved = layer_saved_bytes_per_token(memory_input(plan))
+    forward_per_token = 2 * llm_layer_matmul_params(P7) / (OFFLOAD_FORWARD_PACE * 989.4e12)
+    assert o * saved / link <= (32 - k) * forward_per_token
+    # the fewest replays: one fewer does not fit with any offload count the budget allows
+    usable = plan.usable_memory
+    assert estimate_memory(memory_input(plan)).total <= usable
+    fewer = replace(memory_input(plan), recompute_layers=k - 1)
+    budget = int((32 - (k - 1)) * forward_per_token * link / saved)
+    assert all(estimate_memory(replace(fewer, offload_layers=n)).total > usable for n in range(1, budget + 1))
+    (record,) = [a for a in plan.adjustments if a.what == "offload_layers"]
+    assert (record.from_, record.to) == (0, o) and f"{k} layers replayed" in record.why and "instead of 24" in record.why
+    assert plan.to_dict()["offload_layers"] == o and plan.offload_layer_bytes == 20996 * saved
+    line = f"activations of {o} decoder layers (f) wait in host memory, copied beside the compute"
+    assert line in optimizations({"f": plan}) and not any("host memory" in x for x in optimizations({"f": off}))
+    # a re-fit replaces the record; where nothing replays, nothing is offloaded
+    fit_recompute(plan, h200, micro_batch_tokens=20996)
+    assert len([a for a in plan.adjustments if a.what == "offload_layers"]) == 1
+    small = _finetune7(h200, tokens=7000)
+    assert small.recompute_layers == small.offload_layers == 0
+
+
+def test_offload_count_given_by_hand(h200):
+    plan = _finetune7(h200, offload=4)
+    auto = _finetune7(h200)
+    assert plan.offload_layers == 4 and auto.recompute_layers < plan.recompute_layers < 24
+    assert "--offload 4" in [a for a in plan.adjustments if a.what == "offload_layers"][0].why
+    fixed = _finetune7(h200, recompute=20, offload=6)  # a fixed replay count: offloaded among the kept layers
+    assert fixed.recompute_layers == 20 and fixed.offload_layers == 6
+    assert memory_input(fixed).offloaded_layers == 6
+    assert _finetune7(h200, offload=0).offload_layers == 0
+    with pytest.raises(ConfigError, match="contradict"):
+        _finetune7(h200, offload=3, without=["offload-activations"])
+    for bad in ("-1", "x", 33):
+        with pytest.raises(ConfigError, match="--offload"):
+            _finetune7(h200, offload=bad)
+    cpu = load_registry(machine=describe_machine("cpu", 24 * GiB)).select("cpu")
+    assert cpu.host_link() is None
+    with pytest.raises(ConfigError, match="no host link"):
+        build_plan(cpu, case="tiny", stage="finetune", offload=1)
+
+
+def test_offloaded_layers_keep_only_their_small_tensors_on_the_device():
+    inp = _inp7("finetune", kernels="inductor", elementwise_recompute=True, recompute_layers=10, tokens=12000)
+    base = estimate_memory(inp).phase_terms["backward"]
+    moved = estimate_memory(replace(inp, offload_layers=5)).phase_terms["backward"]
+    per_layer = 12000 * layer_saved_bytes_per_token(inp)
+    assert moved["act_kept_layers"] == base["act_kept_layers"] - 5 * per_layer
+    assert moved["act_offloaded_layers"] == 5 * 12000 * 2 * 4  # the two norms' fp32 rstd
+    # no more than the kept layers below the top offload.LOOKAHEAD: 32 - 10 - 2
+    assert replace(inp, offload_layers=50).offloaded_layers == 20
+    with pytest.raises(ValueError, match="offload_layers"):
+        estimate_memory(replace(inp, offload_layers=-1))
+
+
 def test_elementwise_recompute_is_on_where_memory_makes_layers_replay(h200):
     from accelbench.report.result import optimizations
 

@@ -90,6 +90,8 @@ class _Arena:
 
     def reset(self) -> None:
         """A new micro-batch: the backward that took the last one's tensors waited for their copies back."""
+        if self.total > self.memory.numel():  # the last one outgrew this memory (in pieces): one piece from now on
+            self.memory = torch.empty(int(self.total * self.GROWTH), dtype=torch.uint8, pin_memory=self.pin)
         self.start = self.total = 0
 
     def take_like(self, t: torch.Tensor) -> torch.Tensor:

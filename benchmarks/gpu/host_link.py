@@ -70,6 +70,7 @@ def main() -> None:
     y = torch.empty(12288, 13824, dtype=torch.bfloat16, device=device)
     flops = 2 * 12288 * 5120 * 13824
     gemm = lambda: torch.matmul(x, w.t(), out=y)  # noqa: E731
+    _run({"gemm": (compute, [gemm] * 3)})  # cuBLAS's first call picks its kernel
     one = _run({"gemm": (compute, [gemm] * 3)})["gemm"] / 3
     gemms = [gemm] * max(1, int(total / 50e9 / one))
     alone = _run({"gemm": (compute, gemms)})["gemm"]
