@@ -84,7 +84,7 @@ class MemoryPlanInput:
     # backward from what the GEMMs keep (lever "elementwise-recompute", train/kernels.py)
     elementwise_recompute: bool = False
     # Kept decoder layers whose saved tensors wait in host memory for the backward (lever "offload-activations",
-    # train/offload.py); at most the kept layers below the top offload.LOOKAHEAD
+    # train/offload.py); at most the kept layers below the top OFFLOAD_LOOKAHEAD
     offload_layers: int = 0
 
     @property

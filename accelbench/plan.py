@@ -166,7 +166,8 @@ class RunPlan:
             "micro_batch_tokens": self.micro_batch_tokens,
             "without": list(self.without), "zero3_buckets": self.zero3_buckets, "balanced_ranks": self.balanced_ranks,
             "lean_step": self.lean_step, "elementwise_recompute": self.elementwise_recompute,
-            "offload_layers": self.offload_layers, "offload_layer_bytes": self.offload_layer_bytes, "ds_overrides": self.deepspeed_overrides(),
+            "offload_layers": self.offload_layers, "offload_layer_bytes": self.offload_layer_bytes,
+            "ds_overrides": self.deepspeed_overrides(),
             "env": dict(self.env), "adjustments": [a.to_dict() for a in self.adjustments],
             "memory_estimate": self.memory, "usable_memory_bytes": self.usable_memory, "notes": list(self.notes),
         }
@@ -225,7 +226,8 @@ def estimate(plan: RunPlan, micro_batch: int | None = None) -> Any:
 
 def build_plan(backend: Any, *, case: str, stage: str, nproc: int = 1, micro_batch: int | str | None = None,
                grad_accum: int = 1, seq_len: int = CASE_SEQ, zero_stage: int | None = None,
-               lr: float | None = None, grad_ckpt: bool = True, recompute: int | str = "auto", offload: int | str = "auto",
+               lr: float | None = None, grad_ckpt: bool = True, recompute: int | str = "auto",
+               offload: int | str = "auto",
                without: tuple[str, ...] | list[str] = (), ds_overrides: dict[str, Any] | None = None) -> RunPlan:
     """Resolve a plan for ``backend`` (a ``backends.Backend``) on its machine."""
     preset = get_preset(case)

@@ -184,7 +184,8 @@ def accelbench_is_oom(backend: str, error: BaseException) -> bool | None:
     return type(error).__name__ == "OutOfMemoryError" or "CUDA out of memory" in str(error)
 
 
-# Pinned-memory copies reach this share of the link's rate (benchmarks/gpu/host_link.py measures it)
+# Pinned-memory copies reach this share of the link's rate: on an H200, 0.79 with both directions at once (50 of
+# 63 GB/s, benchmarks/gpu/host_link.py in docs/measurements/h200-2026-11-29-g)
 COPY_EFFICIENCY = 0.8
 
 

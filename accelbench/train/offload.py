@@ -5,7 +5,7 @@ offloaded layer costs neither: what autograd saves inside it is copied to pinned
 the following layers compute, and copied back on another side stream while the layers above it run their backward.
 The copies ride the host link (PCIe), which the GEMMs do not use, so where the planner offloads only as many layers
 as the link can move in the time the forward takes, the replays they replace are saved outright
-(``plan.fit_recompute``; the memory model counts an offloaded layer as keeping only its small tensors).
+(``plan._fit_offload``; the memory model counts an offloaded layer as keeping only its small tensors).
 
 Mechanism: ``torch.autograd.graph.saved_tensors_hooks`` around the layer's forward (a compiled layer's saved tensors
 pass through them too). A tensor is copied only if it is large (``MIN_BYTES``) and is neither a parameter of the
@@ -62,8 +62,8 @@ class _Saved:
             current = torch.cuda.current_stream(self.device)
             current.wait_event(self.arrived)
             self.back.record_stream(current)  # allocated on the H2D stream, used and freed on this one
-        # the pinned buffer goes back to torch's cache once the copy has run; the device copy lives as long as the
-        # backward node that asked for it
+        # the device copy lives as long as the backward node that asked for it; the arena's bytes are written again
+        # only by the next micro-batch's copies to the host, which the device runs after this backward
         back, self.back, self.host, self.arrived = self.back, None, None, None
         return back  # type: ignore[return-value]
 
@@ -146,8 +146,7 @@ class ActivationOffload:
             if index in self.layers:
                 # the layer's weights and the inputs it shares with the other layers (all but the hidden states)
                 # stay where they are
-                others = (args[1:], {k: v for k, v in kwargs.items() if k != "hidden_states"}) if args else \
-                    {k: v for k, v in kwargs.items() if k != "hidden_states"}
+                others = [*args[1:], *(v for k, v in kwargs.items() if k != "hidden_states")]
                 shared = {t.untyped_storage().data_ptr() for t in (*layer.parameters(), *_tensors(others))}
                 saved = self.groups[index] = []
                 arena = self.arenas[self.layers[index]]
@@ -163,7 +162,7 @@ class ActivationOffload:
 
         return forward
 
-    def _packer(self, saved: list[_Saved], shared: set[int], arena: "_Arena") -> Any:
+    def _packer(self, saved: list[_Saved], shared: set[int], arena: _Arena) -> Any:
         def pack(t: torch.Tensor) -> Any:
             if (t.device != self.device or t.numel() * t.element_size() < self.min_bytes
                     or t.untyped_storage().data_ptr() in shared):
