@@ -515,6 +515,43 @@ def recompute_table(inp: MemoryPlanInput, usable_bytes: int) -> list[tuple[int, 
     return rows
 
 
+def offload_table(inp: MemoryPlanInput, usable_bytes: int, replays: list[list[int]]) -> list[list[int]]:
+    """Offloaded decoder layers by micro-batch size: ``[[max_tokens, n], ...]``, ``max_tokens`` ascending, like
+    ``recompute_table``: a micro-batch of at most ``max_tokens`` tokens (and more than the previous row's) offloads
+    ``n`` layers, the fewest up to ``inp.offload_layers`` with which it fits while it replays what ``replays``
+    (recompute_table's rows) gives its size. A smaller micro-batch moves less over the host link, or nothing."""
+    rows: list[list[int]] = []
+    lo = 1
+    for hi, k in replays:
+        def fits(n: int, tokens: int) -> bool:
+            trial = replace(inp, grad_ckpt=True, recompute_layers=k, offload_layers=n, tokens=tokens)
+            return estimate_memory(trial).total <= usable_bytes
+
+        n = 0
+        while lo <= hi:
+            while n < inp.offload_layers and not fits(n, lo):
+                n += 1
+            top, bottom = hi, lo  # the largest size n covers in [lo, hi]: estimates grow with tokens
+            while bottom < top:
+                mid = (bottom + top + 1) // 2
+                bottom, top = (mid, top) if fits(n, mid) or n == inp.offload_layers else (bottom, mid - 1)
+            if rows and rows[-1][1] == n:
+                rows[-1][0] = bottom  # the same count as the row before: one row
+            else:
+                rows.append([bottom, n])
+            lo = bottom + 1
+    return rows
+
+
+def offloads_for(table: list[list[int]], tokens: int, default: int) -> int:
+    """Layers to offload for a micro-batch of ``tokens`` tokens under ``offload_table``'s rows; ``default`` (the
+    plan's count) past them or without a table."""
+    for max_tokens, n in table:
+        if tokens <= max_tokens:
+            return int(n)
+    return default
+
+
 def replays_for(table: list[tuple[int, int]] | list[list[int]], tokens: int, layers: int) -> int:
     """Layers to replay for a micro-batch of ``tokens`` tokens under ``recompute_table``'s rows; every
     layer past the last row (a micro-batch larger than the data's bound cannot happen, but is safe)."""

@@ -96,6 +96,9 @@ class RunPlan:
     # as the host link moves within the forward, where memory makes some layers replay (fit_recompute)
     offload_layers: int = 0
     offload_layer_bytes: int = 0  # what one offloaded layer saves at the largest micro-batch (its pinned memory)
+    # [max_tokens, offloaded layers] rows (memory.offload_table): each micro-batch offloads only what its own size
+    # needs, up to offload_layers
+    offload_table: list[list[int]] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     adjustments: list[Adjustment] = field(default_factory=list)
     memory: dict[str, Any] | None = None  # the memory estimate at the chosen micro-batch
@@ -167,6 +170,7 @@ class RunPlan:
             "without": list(self.without), "zero3_buckets": self.zero3_buckets, "balanced_ranks": self.balanced_ranks,
             "lean_step": self.lean_step, "elementwise_recompute": self.elementwise_recompute,
             "offload_layers": self.offload_layers, "offload_layer_bytes": self.offload_layer_bytes,
+            "offload_table": [list(r) for r in self.offload_table],
             "ds_overrides": self.deepspeed_overrides(),
             "env": dict(self.env), "adjustments": [a.to_dict() for a in self.adjustments],
             "memory_estimate": self.memory, "usable_memory_bytes": self.usable_memory, "notes": list(self.notes),
@@ -330,7 +334,7 @@ def fit_recompute(plan: RunPlan, backend: Any, micro_batch_tokens: int | None = 
     (lever "batch-recompute").  Without data the micro-batch is assumed full
     (LBS × MPE tokens); ``accelbench run`` calls this again with the data's bound once it is known.
     """
-    from .memory import fit_recompute as fit, recompute_table
+    from .memory import fit_recompute as fit, offload_table, recompute_table
 
     if micro_batch_tokens is not None:
         plan.micro_batch_tokens = micro_batch_tokens
@@ -342,6 +346,7 @@ def fit_recompute(plan: RunPlan, backend: Any, micro_batch_tokens: int | None = 
     plan.recompute_table = []
     plan.elementwise_recompute = False
     plan.offload_layers = plan.offload_layer_bytes = 0
+    plan.offload_table = []
     if not plan.grad_ckpt:
         plan.recompute_layers = 0
     elif plan.recompute != "auto":
@@ -388,6 +393,9 @@ def fit_recompute(plan: RunPlan, backend: Any, micro_batch_tokens: int | None = 
 
         inp = memory_input(plan)
         plan.offload_layer_bytes = inp.micro_batch_tokens * layer_saved_bytes_per_token(inp)
+        if plan.recompute == "auto":  # a micro-batch offloads only what its own size needs
+            replays = plan.recompute_table or [[inp.micro_batch_tokens, plan.recompute_layers]]
+            plan.offload_table = offload_table(inp, int((plan.usable_memory or 0) / calibration), replays)
     plan.memory = estimate(plan).to_dict()
     plan.memory["calibration"] = calibration
     plan.memory["calibrated_total"] = plan.memory["total"] * calibration

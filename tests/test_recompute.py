@@ -22,6 +22,7 @@ from accelbench.memory import (
     estimate_memory,
     fit_recompute as fit_recompute_memory,
     layer_saved_bytes_per_token,
+    offloads_for,
     recompute_table,
     replays_for,
 )
@@ -368,6 +369,19 @@ def test_offload_replaces_replays_within_the_host_link_budget(h200):
     assert plan.to_dict()["offload_layers"] == o and plan.offload_layer_bytes == 20996 * saved
     line = f"activations of {o} decoder layers (f) wait in host memory, copied beside the compute"
     assert line in optimizations({"f": plan}) and not any("host memory" in x for x in optimizations({"f": off}))
+    # each micro-batch offloads the fewest layers that fit at its size and replay count; the data's longest, all o
+    table = plan.offload_table
+    assert table[-1] == [20996, o] and table[0][1] == 0 and [r[0] for r in table] == sorted(r[0] for r in table)
+    inp = memory_input(plan)
+    for tokens, n in table:
+        at = replace(inp, recompute_layers=replays_for(plan.recompute_table, tokens, 32), tokens=tokens)
+        assert estimate_memory(replace(at, offload_layers=n)).total <= usable
+        assert n == 0 or estimate_memory(replace(at, offload_layers=n - 1)).total > usable
+    assert offloads_for(table, 5000, o) == 0 and offloads_for(table, 20996, o) == o
+    # 13B on 4 GPUs: the longest micro-batch replays none once 9 are offloaded; the mean one needs neither
+    four = build_plan(h200, case="llava1.5-13b", stage="finetune", nproc=4)
+    fit_recompute(four, h200, micro_batch_tokens=21000)
+    assert (four.recompute_layers, four.offload_layers) == (0, 9) and offloads_for(four.offload_table, 12300, 9) == 0
     # a re-fit replaces the record; where nothing replays, nothing is offloaded
     fit_recompute(plan, h200, micro_batch_tokens=20996)
     assert len([a for a in plan.adjustments if a.what == "offload_layers"]) == 1

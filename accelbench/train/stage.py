@@ -12,7 +12,7 @@ from torch.profiler import record_function
 
 from ..capabilities import Adjustment
 from ..cases import get_preset
-from ..memory import offloaded_positions, replays_for
+from ..memory import offloaded_positions, offloads_for, replays_for
 from ..progress import Progress
 from . import checkpoint, faults, zero3_step
 from .config import RunConfig
@@ -265,9 +265,7 @@ class StageRunner:
                     if p.get("recompute_table"):  # otherwise enable_checkpointing set the plan's fixed layers
                         replay_first_layers(model, replays[micro])
                     if self.offload is not None:
-                        layers = self.preset.llm.layers
-                        replayed = layers if replays[micro] is None else replays[micro]
-                        self.offload.set_layers(offloaded_positions(layers, replayed, p["offload_layers"]))
+                        self.offload.set_layers(self._offloaded(batch, replays[micro]))
                     with record_function("accelbench/data"):
                         inputs = model_inputs(batch, self.device, model.dtype)
                     with record_function("accelbench/forward"):
@@ -410,6 +408,13 @@ class StageRunner:
         if not table:
             return [p.get("recompute_layers") if p["gradient_checkpointing"] else 0] * len(step_batches)
         return [replays_for(table, b["padded_tokens"], self.preset.llm.layers) for b in step_batches]
+
+    def _offloaded(self, batch: dict[str, Any], replayed: int | None) -> list[int]:
+        """Decoder layers this micro-batch offloads (lever "offload-activations"): as many as its size needs, by
+        the plan's table where it has one, among the layers it does not replay."""
+        p, layers = self.plan, self.preset.llm.layers
+        count = offloads_for(p.get("offload_table") or [], batch["padded_tokens"], p["offload_layers"])
+        return offloaded_positions(layers, layers if replayed is None else replayed, count)
 
     def _peak(self, what: str) -> int:
         """The run's peak so far: the device counters restart every step."""
