@@ -107,7 +107,8 @@ def render_plan(plan: Any) -> str:
            f" (sized for {plan.micro_batch} x {plan.seq_len} tokens per micro-batch; a run sizes it from the data)")
         + (f"; smaller micro-batches replay fewer, {plan.recompute_table[0][1]} up to "
            f"{plan.recompute_table[0][0]} tokens" if len(plan.recompute_table) > 1 else "")
-        + (f"; {plan.offload_layers} kept in host memory" if plan.offload_layers else ""),
+        + (f"; {plan.offload_layers} kept in host memory" if plan.offload_layers else "")
+        + (f" (fewer up to {plan.offload_table[-2][0]} tokens)" if len(plan.offload_table) > 1 else ""),
         f"  ZeRO stage {plan.zero_stage}; lr {plan.lr:g}",
         f"  micro-batch (LBS) {plan.micro_batch} (requested {plan.micro_batch_requested}); GAS {plan.grad_accum}; "
         f"GBS {plan.global_batch}; MPE {plan.seq_len}",

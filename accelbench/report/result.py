@@ -52,8 +52,8 @@ def optimizations(plans: dict[str, Any]) -> list[str]:
     out |= {f"fused kernels: {p.kernels}" for p in plans.values() if p.kernels != "hf"}
     out |= {f"compiled layers ({stage}): element-wise results recomputed, not saved" for stage, p in plans.items()
             if p.elementwise_recompute}
-    out |= {f"activations of {p.offload_layers} decoder layers ({stage}) wait in host memory, copied beside the "
-            f"compute" for stage, p in plans.items() if p.offload_layers}
+    out |= {f"activations of up to {p.offload_layers} decoder layers ({stage}) wait in host memory, copied beside "
+            f"the compute" for stage, p in plans.items() if p.offload_layers}
     out |= {"loss: logits at target positions only, chunked" if p.loss == "objective"
             else "loss: transformers' (fp32 logits at every position)" for p in plans.values()}
     for stage, p in plans.items():
