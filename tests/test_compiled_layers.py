@@ -21,7 +21,8 @@ TABLE = [[84, 0], [90, 1], [1000, 2]]
 
 
 def _child(kernels: str, out: str, dtype: str = "fp32", zero: str = "units", linears: str = "zero3") -> None:
-    """One run. ``zero``: "units" (each decoder layer a fetch unit, torch's linear: ds_config.COMPILED_LAYERS) or
+    """One run. ``kernels`` "inductor+offload": compiled layers, the first layer each micro-batch keeps offloaded to
+    the "host" (lever offload-activations; on CPU a copy). ``zero``: "units" (each decoder layer a fetch unit, torch's linear: ds_config.COMPILED_LAYERS) or
     "default" (DeepSpeed's, the peer's; then every micro-batch replays 2 layers, since ZeRO-3 must see the same
     modules on every rank); ``linears``: "zero3" (the trainer's choice for "units") or "torch"."""
     import deepspeed
@@ -54,7 +55,15 @@ def _child(kernels: str, out: str, dtype: str = "fp32", zero: str = "units", lin
                         device=torch.device("cpu"), zero3_config=config)
     trainable = freeze_for_stage(model, "finetune")
     enable_checkpointing(model, 2)
+    offload = None
+    if kernels.endswith("+offload"):
+        from accelbench.train.offload import ActivationOffload
+
+        kernels = kernels.removesuffix("+offload")
+        offload = ActivationOffload(torch.device("cpu"), min_bytes=1)  # every saved tensor of the tiny model
     compiled = compile_layers(model, kernels)
+    if offload is not None:
+        offload.attach(model.model.language_model.layers)
     if linears == "zero3":  # as the trainer does
         linears_as_under_zero3_default(model, config)
     optimizer = torch.optim.AdamW(trainable, lr=3e-3)
@@ -78,19 +87,25 @@ def _child(kernels: str, out: str, dtype: str = "fp32", zero: str = "units", lin
     table = TABLE if zero == "units" else [[1000, 2]]
     stage = SimpleNamespace(plan={"gradient_checkpointing": True, "recompute_layers": 2, "recompute_table": table},
                             preset=preset)
-    steps, replays = [], []
+    steps, replays, offloaded = [], [], []
     for n, lengths in enumerate(LENGTHS):
         batch = collate_packed([sample(n, length + 3 * rank) for length in lengths], pad_token_id=0,
                                image_token_id=IMAGE_TOKEN)
         (k,) = StageRunner._replays(stage, [batch])
         replay_first_layers(model, k)
         replays.append([batch["padded_tokens"], k])
+        if offload is not None:  # the first kept layer: fetched ahead below the top, late as the top layer itself
+            offload.reset_counts()
+            offload.set_layers([k] if k < preset.llm.layers else [])
         loss = engine(**model_inputs(batch, torch.device("cpu"), model.dtype))
         engine.backward(loss)
         engine.step()
         steps.append([loss.item(), float(engine.get_global_grad_norm())])
+        if offload is not None:
+            offloaded.append([offload.bytes_offloaded, offload.late])
     with open(f"{out}.{rank}", "w", encoding="utf-8") as f:
-        json.dump({"steps": steps, "replays": replays, "compiled": compiled, "counters": compile_counters()}, f)
+        json.dump({"steps": steps, "replays": replays, "compiled": compiled, "counters": compile_counters(),
+                   "offloaded": offloaded}, f)
     # gloo's threads stopped here rather than in the interpreter's teardown, torch's advice; and then no teardown at
     # all: after this rank's results were written, about one run in five still aborted in the interpreter's exit
     # ("terminate called without an active exception", no Python frame left) on a 2-core machine
@@ -110,7 +125,7 @@ def _run(kernels: str, tmp_path, dtype: str = "bf16") -> dict:
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-4000:]
     ranks = [json.loads((tmp_path / f"{kernels}.json.{rank}").read_text()) for rank in (0, 1)]
-    return {**ranks[0], "replays": [r["replays"] for r in ranks]}
+    return {**ranks[0], "replays": [r["replays"] for r in ranks], "offloaded": [r["offloaded"] for r in ranks]}
 
 
 def _record(step: int, time_s: float, compiled: bool = False):
@@ -158,6 +173,13 @@ def test_compiled_layers_train_like_eager_under_zero3(tmp_path):
         assert rank0 == [[84, 0], [58, 0], [93, 2]] and rank1 == [[90, 1], [64, 0], [99, 2]]
     # Inductor rounds as eager does (emulate_precision_casts), so the two compute the same bits
     assert compiled["steps"] == eager["steps"]
+    # and a layer whose saved tensors wait on the "host" (lever offload-activations) under ZeRO-3, which gathers and
+    # releases its weights around it, changes no bit either: fetched ahead (layer 0, below layer 1) or late (layer 1)
+    offloaded = _run("inductor+offload", tmp_path)
+    assert offloaded["steps"] == eager["steps"]
+    for rank, replays in zip(offloaded["offloaded"], compiled["replays"]):
+        for (moved, late), (_, k) in zip(rank, replays):
+            assert (moved > 0, late > 0) == ((k < 2), (k == 1))
 
 
 def test_projector_and_tower_linears_add_the_bias_as_zero3_does():
