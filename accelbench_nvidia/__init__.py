@@ -189,11 +189,17 @@ def accelbench_is_oom(backend: str, error: BaseException) -> bool | None:
 COPY_EFFICIENCY = 0.8
 
 
-def _pcie_link() -> tuple[int, int] | None:
-    """(generation, lanes) of device 0's link as this system can run it, from NVML."""
-    def read(nv: Any) -> tuple[int, int]:
-        handle = nv.nvmlDeviceGetHandleByIndex(0)
-        return int(nv.nvmlDeviceGetMaxPcieLinkGeneration(handle)), int(nv.nvmlDeviceGetMaxPcieLinkWidth(handle))
+def _pcie_link() -> tuple[int, int, int] | None:
+    """(generation, lanes, devices sharing the uplink) of device 0's host link as this system runs it, from NVML.
+
+    Devices behind one PCIe switch (NVML's common ancestor a single or several switches, or one board) share its
+    uplink to the host: a data-parallel run copies on all of them at once."""
+    def read(nv: Any) -> tuple[int, int, int]:
+        first = nv.nvmlDeviceGetHandleByIndex(0)
+        sharing = 1 + sum(
+            nv.nvmlDeviceGetTopologyCommonAncestor(first, nv.nvmlDeviceGetHandleByIndex(i)) <= nv.NVML_TOPOLOGY_MULTIPLE
+            for i in range(1, nv.nvmlDeviceGetCount()))
+        return int(nv.nvmlDeviceGetMaxPcieLinkGeneration(first)), int(nv.nvmlDeviceGetMaxPcieLinkWidth(first)), sharing
 
     return _nvml(read)
 
@@ -203,7 +209,7 @@ def accelbench_host_link(backend: str, machine: MachineFacts) -> float | None:
     if backend != NAME or not machine.device_names:
         return None
     link = None if machine.described else _pcie_link()
-    gen, lanes = link or (pcie_generation(machine.device_names[0]), 16)  # else the product's datasheet
+    gen, lanes, sharing = link or (pcie_generation(machine.device_names[0]), 16, 1)  # else the product's datasheet
     if gen not in LANE_BYTES:
         return None
-    return COPY_EFFICIENCY * LANE_BYTES[gen] * lanes
+    return COPY_EFFICIENCY * LANE_BYTES[gen] * lanes / sharing

@@ -111,3 +111,27 @@ def test_offloaded_positions_spread_over_the_kept_layers_below_the_top():
     assert all(15 <= i < top for i in offloaded_positions(32, 15, 30))
     assert len(offloaded_positions(32, 15, 30)) == top - 15  # no more than there are kept layers below the top
     assert offloaded_positions(32, 31, 4) == [] and offloaded_positions(32, 0, 0) == []
+
+
+def test_nvidia_host_link_is_read_from_nvml_and_shared_behind_a_switch(monkeypatch):
+    import dataclasses
+    import sys
+    import types
+
+    from accelbench.backends import load_registry
+    from accelbench.machine import describe_machine
+
+    levels = {1: 10, 2: 40, 3: 20}  # device 1 behind device 0's switch, 2 on another CPU, 3 behind a switch above
+    fake = types.SimpleNamespace(
+        NVML_TOPOLOGY_MULTIPLE=20, nvmlInit=lambda: None, nvmlShutdown=lambda: None, nvmlDeviceGetCount=lambda: 4,
+        nvmlDeviceGetHandleByIndex=lambda i: i, nvmlDeviceGetTopologyCommonAncestor=lambda a, b: levels[b],
+        nvmlDeviceGetMaxPcieLinkGeneration=lambda h: 4, nvmlDeviceGetMaxPcieLinkWidth=lambda h: 16)
+    probed = dataclasses.replace(describe_machine("NVIDIA H200", 140 << 30, count=4, packages=frozenset()),
+                                 described=False)
+    monkeypatch.setitem(sys.modules, "pynvml", types.ModuleType("pynvml"))
+    for name, value in vars(fake).items():
+        setattr(sys.modules["pynvml"], name, value)
+    lane = 1.969e9  # PCIe 4, as NVML says here, not the datasheet's 5
+    assert load_registry(machine=probed).select("nvidia").host_link() == pytest.approx(0.8 * 16 * lane / 3)
+    levels.update({1: 50, 3: 30})  # every other device beyond the host bridge: the uplink is device 0's own
+    assert load_registry(machine=probed).select("nvidia").host_link() == pytest.approx(0.8 * 16 * lane)
