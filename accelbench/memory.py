@@ -546,16 +546,18 @@ def offload_table(inp: MemoryPlanInput, usable_bytes: int, replays: list[list[in
 def offloads_for(table: list[list[int]], tokens: int, default: int) -> int:
     """Layers to offload for a micro-batch of ``tokens`` tokens under ``offload_table``'s rows; ``default`` (the
     plan's count) past them or without a table."""
-    for max_tokens, n in table:
-        if tokens <= max_tokens:
-            return int(n)
-    return default
+    return _row_for(table, tokens, default)
 
 
 def replays_for(table: list[tuple[int, int]] | list[list[int]], tokens: int, layers: int) -> int:
     """Layers to replay for a micro-batch of ``tokens`` tokens under ``recompute_table``'s rows; every
     layer past the last row (a micro-batch larger than the data's bound cannot happen, but is safe)."""
-    for max_tokens, k in table:
+    return _row_for(table, tokens, layers)
+
+
+def _row_for(table: list[tuple[int, int]] | list[list[int]], tokens: int, default: int) -> int:
+    """The value of the first ``[max_tokens, value]`` row that holds ``tokens`` tokens; ``default`` past them."""
+    for max_tokens, value in table:
         if tokens <= max_tokens:
-            return int(k)
-    return layers
+            return int(value)
+    return default
