@@ -520,21 +520,21 @@ def offload_table(inp: MemoryPlanInput, usable_bytes: int, replays: list[list[in
     ``recompute_table``: a micro-batch of at most ``max_tokens`` tokens (and more than the previous row's) offloads
     ``n`` layers, the fewest up to ``inp.offload_layers`` with which it fits while it replays what ``replays``
     (recompute_table's rows) gives its size. A smaller micro-batch moves less over the host link, or nothing."""
+    def fits(k: int, n: int, tokens: int) -> bool:
+        trial = replace(inp, grad_ckpt=True, recompute_layers=k, offload_layers=n, tokens=tokens)
+        return estimate_memory(trial).total <= usable_bytes
+
     rows: list[list[int]] = []
     lo = 1
     for hi, k in replays:
-        def fits(n: int, tokens: int) -> bool:
-            trial = replace(inp, grad_ckpt=True, recompute_layers=k, offload_layers=n, tokens=tokens)
-            return estimate_memory(trial).total <= usable_bytes
-
         n = 0
         while lo <= hi:
-            while n < inp.offload_layers and not fits(n, lo):
+            while n < inp.offload_layers and not fits(k, n, lo):
                 n += 1
             top, bottom = hi, lo  # the largest size n covers in [lo, hi]: estimates grow with tokens
             while bottom < top:
                 mid = (bottom + top + 1) // 2
-                bottom, top = (mid, top) if fits(n, mid) or n == inp.offload_layers else (bottom, mid - 1)
+                bottom, top = (mid, top) if fits(k, n, mid) or n == inp.offload_layers else (bottom, mid - 1)
             if rows and rows[-1][1] == n:
                 rows[-1][0] = bottom  # the same count as the row before: one row
             else:

@@ -297,29 +297,28 @@ def check_levers(recompute: int | str, without: tuple[str, ...] | list[str], lay
     return parsed
 
 
-def parse_recompute(value: int | str, layers: int) -> int | str:
-    if value in ("auto", "all"):
-        return value
+def _layer_count(option: str, value: int | str, layers: int, words: str) -> int:
+    """``value`` as a number of decoder layers, 0..layers; ``words``: the option's other values, for the error."""
     try:
         n = int(value)
     except (TypeError, ValueError):
         n = -1
     if not 0 <= n <= layers:
-        raise ConfigError(f"--recompute {value!r} is impossible: give auto, all or a number of decoder "
-                          f"layers 0..{layers}")
+        raise ConfigError(f"{option} {value!r} is impossible: give {words} or a number of decoder layers 0..{layers}")
     return n
+
+
+def parse_recompute(value: int | str, layers: int) -> int | str:
+    if value in ("auto", "all"):
+        return value
+    return _layer_count("--recompute", value, layers, "auto, all")
 
 
 def parse_offload(value: int | str, without: tuple[str, ...] | list[str], layers: int) -> int | str:
     """--offload: "auto" or a number of decoder layers; checked against --without offload-activations."""
     if value == "auto":
         return value
-    try:
-        n = int(value)
-    except (TypeError, ValueError):
-        n = -1
-    if not 0 <= n <= layers:
-        raise ConfigError(f"--offload {value!r} is impossible: give auto or a number of decoder layers 0..{layers}")
+    n = _layer_count("--offload", value, layers, "auto")
     if n and "offload-activations" in without:
         raise ConfigError(f"--offload {value} and --without offload-activations contradict each other: give one of "
                           f"them")
