@@ -168,6 +168,16 @@ def _persistent_params(preset: ModelPreset, threshold: int) -> int:
     return sum(n for _, n in parameter_tensors(preset) if n <= threshold)
 
 
+def tower_threshold(preset: ModelPreset) -> int:
+    """The persistence threshold that keeps the vision tower's encoder layers whole on every rank (lever
+    "whole-tower"): their largest tensor, the MLP weight (1024 x 4096 in CLIP ViT-L). In LLaVA-1.5 that keeps the
+    whole tower (its patch and position embeddings are smaller) and no decoder weight (the smallest is hidden²),
+    but the projector's first linear (1024 x hidden) at 7B. Never below LLaVA's own threshold (HF's "auto",
+    10·hidden), which keeps the norms whole."""
+    v = preset.vision
+    return max(10 * preset.llm.hidden, v.hidden * max(v.hidden, v.intermediate))
+
+
 # ---------------------------------------------------------------------------------------------
 # Static terms
 # ---------------------------------------------------------------------------------------------
@@ -196,9 +206,10 @@ def _static_terms(inp: MemoryPlanInput, zero: dict[str, Any]) -> dict[str, int]:
     train_part = _ceil_div(n_train, dp)
     terms: dict[str, int] = {}
     if inp.zero_stage == 3:
-        # deepspeed.initialize wraps the whole Llava model: frozen CLIP is partitioned too.
+        # deepspeed.initialize wraps the whole Llava model: frozen CLIP is partitioned too, unless the
+        # persistence threshold keeps it whole. A persistent tensor keeps its partition beside its whole copy.
         persistent = _persistent_params(p, int(zero.get("stage3_param_persistence_threshold", 100_000)))
-        terms["params_partition"] = _ceil_div(total_params - persistent, dp) * b
+        terms["params_partition"] = _ceil_div(total_params, dp) * b
         terms["params_persistent"] = persistent * b
         # Flat gradient-partition buffer (grad_accum_dtype defaults to the model dtype) and one
         # contiguous IPG bucket per comm dtype.

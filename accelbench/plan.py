@@ -36,6 +36,8 @@ LEVERS = {
                              "them in the backward",
     "offload-activations": "replay the decoder layers that memory cannot keep instead of keeping some of them in "
                            "host memory, copied there and back beside the compute",
+    "whole-tower": "ZeRO-3 partitions the frozen vision tower like every other module (LLaVA's persistence "
+                   "threshold, 10·hidden) instead of keeping it whole on every rank",
 }
 
 
@@ -110,10 +112,19 @@ class RunPlan:
         return get_preset(self.case)
 
     def deepspeed_overrides(self) -> dict[str, Any]:
+        from .memory import tower_threshold
         from .train.ds_config import tuned_overrides
 
         return tuned_overrides(self.zero3_buckets, self.ds_overrides,
-                               compiled_layers=self.zero_stage == 3 and self.kernels == COMPILED_KERNELS)
+                               compiled_layers=self.zero_stage == 3 and self.kernels == COMPILED_KERNELS,
+                               tower_threshold=tower_threshold(self.preset) if self.whole_tower else None)
+
+    @property
+    def whole_tower(self) -> bool:
+        """Lever "whole-tower": under ZeRO-3 the frozen vision tower stays whole on every rank (DeepSpeed's
+        persistence threshold raised to its largest tensor), so its forward gathers nothing. Partitioned, each of
+        its layers waits on an all-gather, which waits for the slowest rank, for a few GEMMs of 1024 wide."""
+        return self.zero_stage == 3 and "whole-tower" not in self.without
 
     @property
     def balanced_ranks(self) -> bool:
@@ -168,7 +179,7 @@ class RunPlan:
             "recompute_layers": self.recompute_layers, "recompute_table": [list(r) for r in self.recompute_table],
             "micro_batch_tokens": self.micro_batch_tokens,
             "without": list(self.without), "zero3_buckets": self.zero3_buckets, "balanced_ranks": self.balanced_ranks,
-            "lean_step": self.lean_step, "elementwise_recompute": self.elementwise_recompute,
+            "lean_step": self.lean_step, "whole_tower": self.whole_tower, "elementwise_recompute": self.elementwise_recompute,
             "offload_layers": self.offload_layers, "offload_layer_bytes": self.offload_layer_bytes,
             "offload_table": [list(r) for r in self.offload_table],
             "ds_overrides": self.deepspeed_overrides(),

@@ -13,7 +13,8 @@ that is not the training framework held equal to accelbench:
 * order: LLaVA's ``group_by_modality_length`` through a ``Trainer`` subclass overriding
   ``_get_train_sampler`` (as ``LLaVATrainer`` does), backed by accelbench's seeded ``LengthGroupedSampler``;
 * DeepSpeed config: the very dict accelbench writes (``ds_config.deepspeed_config``), with the same ZeRO-3
-  bucket sizes accelbench's plan chooses (``--llava-zero3-buckets`` for LLaVA's own);
+  bucket sizes and persistence threshold accelbench's plan chooses (``--llava-zero3-buckets`` and
+  ``--llava-persistence`` for LLaVA's own);
 * optimizer / schedule: the Trainer's own (``optim`` default = torch AdamW, fused where torch has it; ``--optim
   adamw_torch``: foreach, another rounding variant;
   ``lr_scheduler_type="cosine"``, warm-up ratio 0.03; weight decay 0, LLaVA's).  The config has no
@@ -61,6 +62,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ds-config", help="DeepSpeed JSON merged over the shared config, as `accelbench run --ds-config`")
     p.add_argument("--llava-zero3-buckets", action="store_true",
                    help="LLaVA's ZeRO-3 bucket sizes (hidden²) instead of the 5e8-element ones accelbench's plan uses")
+    p.add_argument("--llava-persistence", action="store_true",
+                   help="LLaVA's ZeRO-3 persistence threshold (10·hidden) instead of the one by which accelbench's plan "
+                        "keeps the frozen vision tower whole")
     p.add_argument("--backend", help="accelbench backend whose DeepSpeed accelerator to install (default: auto)")
     # two documented options that change only rounding: the peer's own rounding variants for the loss check
     p.add_argument("--attn", default="sdpa", choices=("sdpa", "eager"),
@@ -365,12 +369,16 @@ def make_trainer_class() -> type:
 # --------------------------------------------------------------------------- the run
 
 
-def peer_overrides(args: argparse.Namespace, zero_stage: int) -> dict[str, Any]:
-    """The same DeepSpeed settings accelbench's plan gives DeepSpeed: its ZeRO-3 buckets, then --ds-config."""
+def peer_overrides(args: argparse.Namespace, zero_stage: int, preset: Any) -> dict[str, Any]:
+    """The same DeepSpeed settings accelbench's plan gives DeepSpeed: its ZeRO-3 buckets, the persistence threshold
+    that keeps the frozen vision tower whole, then --ds-config."""
+    from accelbench.memory import tower_threshold
     from accelbench.train.ds_config import load_overrides, tuned_overrides
 
+    whole_tower = zero_stage == 3 and not args.llava_persistence
     return tuned_overrides(zero_stage == 3 and not args.llava_zero3_buckets,
-                           load_overrides(args.ds_config) if args.ds_config else None)
+                           load_overrides(args.ds_config) if args.ds_config else None,
+                           tower_threshold=tower_threshold(preset) if whole_tower else None)
 
 
 def training_arguments(args: argparse.Namespace, *, mbs: int, lr: float, dtype: str, ds_config: dict[str, Any],
@@ -441,7 +449,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
 
     ds_config = deepspeed_config(zero_stage=zero_stage, micro_batch=mbs, grad_accum=args.gas, world_size=world,
                                  dtype=dtype, hidden_size=preset.llm.hidden,
-                                 overrides=peer_overrides(args, zero_stage))
+                                 overrides=peer_overrides(args, zero_stage, preset))
     if not on_cuda and world > 1:
         # CPU, several processes: accelerate sets the gloo group up itself (use_cpu) but never DeepSpeed's
         # comm layer, whose world size zero.Init reads: start it first, as DeepSpeed documents for

@@ -22,7 +22,8 @@ TABLE = [[84, 0], [90, 1], [1000, 2]]
 
 def _child(kernels: str, out: str, dtype: str = "fp32", zero: str = "units", linears: str = "zero3") -> None:
     """One run. ``kernels`` "inductor+offload": compiled layers, the first layer each micro-batch keeps offloaded to
-    the "host" (lever offload-activations; on CPU a copy). ``zero``: "units" (each decoder layer a fetch unit, torch's linear: ds_config.COMPILED_LAYERS) or
+    the "host" (lever offload-activations; on CPU a copy); "+tower": the vision tower kept whole on both ranks (lever
+    whole-tower). ``zero``: "units" (each decoder layer a fetch unit, torch's linear: ds_config.COMPILED_LAYERS) or
     "default" (DeepSpeed's, the peer's; then every micro-batch replays 2 layers, since ZeRO-3 must see the same
     modules on every rank); ``linears``: "zero3" (the trainer's choice for "units") or "torch"."""
     import deepspeed
@@ -46,10 +47,15 @@ def _child(kernels: str, out: str, dtype: str = "fp32", zero: str = "units", lin
     from accelbench.train.stage import StageRunner, model_inputs
     from accelbench.train.varlen_attention import register
 
+    from accelbench.memory import tower_threshold
+
     preset = get_preset("tiny")
+    whole_tower = kernels.endswith("+tower")
+    kernels = kernels.removesuffix("+tower")
     config = deepspeed_config(zero_stage=3, micro_batch=2, grad_accum=1, world_size=2, dtype=dtype,
                               hidden_size=preset.llm.hidden,
-                              overrides=tuned_overrides(False, None, compiled_layers=zero == "units"))
+                              overrides=tuned_overrides(False, None, compiled_layers=zero == "units",
+                                                        tower_threshold=tower_threshold(preset) if whole_tower else None))
     torch.manual_seed(0)
     model = build_model(preset, image_token_id=IMAGE_TOKEN, pad_token_id=0, dtype=dtype, attn_implementation=register(),
                         device=torch.device("cpu"), zero3_config=config)
@@ -103,9 +109,12 @@ def _child(kernels: str, out: str, dtype: str = "fp32", zero: str = "units", lin
         steps.append([loss.item(), float(engine.get_global_grad_norm())])
         if offload is not None:
             offloaded.append([offload.bytes_offloaded, offload.late])
+    # which tensors ZeRO-3 keeps whole on every rank, by component
+    persist = {name: sorted({p.ds_persist for p in module.parameters() if len(p.ds_shape) == 2})
+               for name, module in (("tower", model.model.vision_tower), ("decoder", model.model.language_model))}
     with open(f"{out}.{rank}", "w", encoding="utf-8") as f:
         json.dump({"steps": steps, "replays": replays, "compiled": compiled, "counters": compile_counters(),
-                   "offloaded": offloaded}, f)
+                   "offloaded": offloaded, "persist": persist}, f)
     # gloo's threads stopped here rather than in the interpreter's teardown, torch's advice; and then no teardown at
     # all: after this rank's results were written, about one run in five still aborted in the interpreter's exit
     # ("terminate called without an active exception", no Python frame left) on a 2-core machine
@@ -180,6 +189,12 @@ def test_compiled_layers_train_like_eager_under_zero3(tmp_path):
     for rank, replays in zip(offloaded["offloaded"], compiled["replays"]):
         for (moved, late), (_, k) in zip(rank, replays):
             assert (moved > 0, late > 0) == ((k < 2), (k == 1))
+    # the vision tower kept whole on both ranks (lever whole-tower) gathers nothing and changes no bit
+    whole = _run("inductor+tower", tmp_path)
+    # (LLaVA's threshold, 10·hidden, keeps the tiny tower's position embedding whole, none of its linear weights)
+    assert compiled["persist"] == {"tower": [False, True], "decoder": [False]}
+    assert whole["persist"] == {"tower": [True], "decoder": [False]}
+    assert whole["steps"] == eager["steps"]
 
 
 def test_projector_and_tower_linears_add_the_bias_as_zero3_does():

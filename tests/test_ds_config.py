@@ -141,7 +141,7 @@ def test_zero3_buckets_lever_and_user_overrides_reach_the_plan_and_memory_model(
     reg = load_registry(machine=describe_machine("NVIDIA H200", 138 * 2**30, count=1))
     args = dict(case="llava1.5-13b", stage="finetune", nproc=2)
     nvidia = reg.select("nvidia")
-    llava = build_plan(nvidia, **args, without=("zero3-buckets",))
+    llava = build_plan(nvidia, **args, without=("zero3-buckets", "whole-tower"))
     tuned = build_plan(nvidia, **args)
     mine = build_plan(nvidia, **args, ds_overrides=load_overrides(str(user)))
     # with every sample at 2048 tokens (before the data is known) 16 x 2048 tokens leave no room for the buckets;
@@ -151,15 +151,18 @@ def test_zero3_buckets_lever_and_user_overrides_reach_the_plan_and_memory_model(
         fit_recompute(plan, nvidia, micro_batch_tokens=21_000)
     assert llava.deepspeed_overrides() == {} and not llava.zero3_buckets
     assert tuned.zero3_buckets and not any(n.startswith(BUCKETS_NOTE) for n in tuned.notes)
-    assert tuned.to_dict()["ds_overrides"] == {"zero_optimization": {"stage3_prefetch_bucket_size": 500_000_000,
-                                                                     "reduce_bucket_size": 500_000_000}}
+    assert tuned.to_dict()["ds_overrides"] == {"zero_optimization": {
+        "stage3_prefetch_bucket_size": 500_000_000, "reduce_bucket_size": 500_000_000,
+        "stage3_param_persistence_threshold": 1024 * 4096}}  # lever whole-tower: CLIP's MLP weight
     assert [a.what for a in tuned.adjustments].count("zero3_buckets") == 1
     # the user's file wins over the lever, key by key
     assert mine.to_dict()["ds_overrides"]["zero_optimization"] == {
         "stage3_prefetch_bucket_size": 500_000_000, "reduce_bucket_size": 200_000_000,
         "stage3_param_persistence_threshold": 1_000_000}
-    # ZeRO-2 (pretrain) keeps LLaVA's zero2.json
-    assert not build_plan(nvidia, case="llava1.5-13b", stage="pretrain", nproc=2).zero3_buckets
+    assert tuned.whole_tower and not llava.whole_tower and tuned.to_dict()["whole_tower"]
+    # ZeRO-2 (pretrain) keeps LLaVA's zero2.json: every parameter is whole there anyway
+    pretrain = build_plan(nvidia, case="llava1.5-13b", stage="pretrain", nproc=2)
+    assert not pretrain.zero3_buckets and not pretrain.whole_tower
     # a bigger reduce bucket costs memory, and the estimate sees it
     assert estimate(tuned).terms["reduce_bucket"] - estimate(llava).terms["reduce_bucket"] == \
         (500_000_000 - 5120 * 5120) * 2

@@ -12,6 +12,7 @@ from accelbench.memory import (
     estimate_memory,
     fit_micro_batch,
     parameter_tensors,
+    tower_threshold,
     trainable_params,
 )
 from accelbench.train.ds_config import deepspeed_config
@@ -53,7 +54,7 @@ def test_finetune_zero3_terms_by_hand():
     persistent = persistent_vision + 2 * 64 + (2 * 2 * 64 + 64)  # + projector biases + Llama norms
     assert persistent == 2208
     assert t["params_persistent"] == persistent * 2
-    assert t["params_partition"] == -(-(TOTAL - persistent) // 4) * 2
+    assert t["params_partition"] == -(-TOTAL // 4) * 2  # a persistent tensor keeps its partition too
     part = -(-(PROJECTOR + LLM) // 4)  # trainable partition: 59120
     assert part == 59120
     assert t["grads_partition"] == part * 2
@@ -165,6 +166,27 @@ def test_reads_bucket_sizes_from_ds_config():
     assert estimate_memory(no_overlap).phase_terms["backward"]["reduce_bucket"] == 500_000_000 * 2
     with pytest.raises(ValueError):
         estimate_memory(replace(base, zero_stage=2))  # ds_config says stage 3
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_whole_tower_threshold_keeps_the_encoder_layers_and_no_decoder_weight(name):
+    preset = PRESETS[name]
+    v, t = preset.vision, preset.llm
+    threshold = tower_threshold(preset)
+    assert threshold >= max(v.hidden * v.intermediate, v.hidden * v.hidden, 10 * t.hidden)
+    assert threshold < min(t.hidden * t.kv_heads * t.head_dim, t.hidden * t.hidden)
+    if name.startswith("llava1.5"):  # CLIP ViT-L/14-336: the whole tower, embeddings included
+        assert all(n <= threshold for c, n in parameter_tensors(preset) if c == "vision")
+    # the estimate: the tower's tensors become whole copies beside their partitions
+    ds = deepspeed_config(zero_stage=3, micro_batch=1, grad_accum=1, world_size=2, dtype="bf16", hidden_size=t.hidden)
+    base = MemoryPlanInput(preset, "finetune", 3, 2, 1, 32, ds_config=ds)
+    whole = replace(base, ds_config=deepspeed_config(
+        zero_stage=3, micro_batch=1, grad_accum=1, world_size=2, dtype="bf16", hidden_size=t.hidden,
+        overrides={"zero_optimization": {"stage3_param_persistence_threshold": threshold}}))
+    a, b = estimate_memory(base).terms, estimate_memory(whole).terms
+    newly = sum(n for _, n in parameter_tensors(preset) if 10 * t.hidden < n <= threshold)
+    assert b["params_persistent"] - a["params_persistent"] == newly * 2 > 0
+    assert b["params_partition"] == a["params_partition"]
 
 
 def test_default_ds_config_and_step_phase_peak():

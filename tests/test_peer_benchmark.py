@@ -215,7 +215,7 @@ def test_loss_check_with_four_runs_a_path_tests_the_mean_curves_by_permutation()
     assert few.means is None and few.within is (few.largest_cross.value <= few.largest_floor.value)
 
 
-def test_peer_takes_the_zero3_buckets_accelbench_plan_resolved() -> None:
+def test_peer_takes_the_zero3_config_accelbench_plan_resolved() -> None:
     cc, _, _ = _gpu_benchmarks()
     s = cc.Settings(stage="finetune")
 
@@ -226,6 +226,10 @@ def test_peer_takes_the_zero3_buckets_accelbench_plan_resolved() -> None:
     assert dropped.peer_args == ("--llava-zero3-buckets",)
     assert cc.same_zero_config(dropped, plan(zero_stage=3, zero3_buckets=True)).peer_args == ()
     assert cc.same_zero_config(s, plan(zero_stage=2, zero3_buckets=False)).peer_args == ()  # no ZeRO-3 buckets
+    # --without whole-tower: the peer partitions the vision tower too
+    split = cc.same_zero_config(s, plan(zero_stage=3, zero3_buckets=False, whole_tower=False))
+    assert split.peer_args == ("--llava-zero3-buckets", "--llava-persistence")
+    assert cc.same_zero_config(split, plan(zero_stage=3, zero3_buckets=True, whole_tower=True)).peer_args == ()
     # a failed accelbench run resolved no plan: the peer keeps the config of the last one that did
     failed = cc.RunResult(cc.ACCELBENCH, 0, {"error": "oom"}, 1.0)
     assert cc.same_zero_config(dropped, failed).peer_args == ("--llava-zero3-buckets",)

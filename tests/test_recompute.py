@@ -26,7 +26,8 @@ from accelbench.memory import (
     recompute_table,
     replays_for,
 )
-from accelbench.plan import FIXED_REPLAYS_NOTE, LEVERS, build_plan, fit_recompute, memory_input, parse_recompute
+from accelbench.plan import (FIXED_REPLAYS_NOTE, LEVERS, build_plan, estimate, fit_recompute, memory_input,
+                             parse_recompute)
 from accelbench.train.datacheck import micro_batch_token_bound
 from accelbench.train.flops import llm_layer_matmul_params, step_flops
 
@@ -338,6 +339,23 @@ def test_the_lean_step_is_zero3s_and_can_be_turned_off(h200):
     assert off.to_dict()["lean_step"] is False
 
 
+def test_the_whole_tower_is_zero3s_and_can_be_turned_off(h200):
+    from accelbench.report.result import optimizations
+
+    line = "ZeRO-3: the frozen vision tower whole on every rank"
+    threshold = lambda plan: plan.deepspeed_overrides().get("zero_optimization", {}).get(  # noqa: E731
+        "stage3_param_persistence_threshold")
+    finetune = build_plan(h200, case="llava1.5-13b", stage="finetune", nproc=2)
+    assert finetune.whole_tower and line in optimizations({"f": finetune}) and threshold(finetune) == 1024 * 4096
+    pretrain = _pretrain13(h200)  # ZeRO-2 keeps every parameter whole
+    assert not pretrain.whole_tower and line not in optimizations({"p": pretrain}) and threshold(pretrain) is None
+    off = build_plan(h200, case="llava1.5-13b", stage="finetune", nproc=2, without=["whole-tower"])
+    assert off.to_dict()["whole_tower"] is False and threshold(off) is None
+    # it costs the tower's bf16 copy beside its partition, and the estimate sees it
+    extra = estimate(finetune).terms["params_persistent"] - estimate(off).terms["params_persistent"]
+    assert 0.55 * 2**30 < extra < 0.6 * 2**30  # CLIP ViT-L/14-336: 303M parameters, less its norms and biases
+
+
 def _finetune7(backend, tokens=20996, **kw):
     plan = build_plan(backend, case="llava1.5-7b", stage="finetune", nproc=1, **kw)
     fit_recompute(plan, backend, micro_batch_tokens=tokens)  # the synthetic data's bound at LBS 16
@@ -522,7 +540,7 @@ def test_parse_recompute():
             parse_recompute(bad, 40)
     assert set(LEVERS) == {"packing", "selective-recompute", "batch-recompute", "target-loss", "fused-kernels",
                            "compiled-layers", "loader-workers", "zero3-buckets", "balanced-ranks", "lean-step",
-                           "elementwise-recompute", "offload-activations"}
+                           "elementwise-recompute", "offload-activations", "whole-tower"}
 
 
 def test_refit_with_the_data_bound_replaces_the_record(h200):

@@ -49,6 +49,7 @@ def optimizations(plans: dict[str, Any]) -> list[str]:
     out |= {"no padding: packed micro-batches, varlen attention" for p in plans.values() if p.packed}
     out |= {"ranks: each step's samples dealt by length" for p in plans.values() if p.balanced_ranks}
     out |= {"ZeRO-3 step: gradient clip and skip fused into AdamW" for p in plans.values() if p.lean_step}
+    out |= {"ZeRO-3: the frozen vision tower whole on every rank" for p in plans.values() if p.whole_tower}
     out |= {f"fused kernels: {p.kernels}" for p in plans.values() if p.kernels != "hf"}
     out |= {f"compiled layers ({stage}): element-wise results recomputed, not saved" for stage, p in plans.items()
             if p.elementwise_recompute}

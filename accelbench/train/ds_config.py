@@ -90,11 +90,15 @@ def layers_are_units(zero: dict[str, Any]) -> bool:
     return any(c.rsplit(".", 1)[-1] == DECODER_LAYER_CLASS for c in classes)
 
 
-def tuned_overrides(zero3_buckets: bool, user: dict[str, Any] | None, compiled_layers: bool = False) -> dict[str, Any]:
+def tuned_overrides(zero3_buckets: bool, user: dict[str, Any] | None, compiled_layers: bool = False,
+                    tower_threshold: int | None = None) -> dict[str, Any]:
     """What is merged over LLaVA's DeepSpeed config: the tuned ZeRO-3 buckets where chosen, the settings compiled
-    layers need under ZeRO-3, then the user's --ds-config. The plan and the HF Trainer peer both build
-    theirs here, so their configs differ only by what the compiled layers need."""
+    layers need under ZeRO-3, the persistence threshold that keeps the frozen vision tower whole (lever
+    "whole-tower", ``memory.tower_threshold``), then the user's --ds-config. The plan and the HF Trainer peer both
+    build theirs here, so their configs differ only by what the compiled layers need."""
     out = deep_merge(ZERO3_BUCKETS if zero3_buckets else {}, COMPILED_LAYERS if compiled_layers else {})
+    if tower_threshold is not None:
+        out = deep_merge(out, {"zero_optimization": {"stage3_param_persistence_threshold": tower_threshold}})
     return deep_merge(out, user or {})
 
 
