@@ -228,6 +228,13 @@ def test_projector_and_tower_linears_add_the_bias_as_zero3_does():
     clip_linears = sum(isinstance(m, torch.nn.Linear) for m in model.model.vision_tower.modules())
     units = {"zero_optimization": {"stage": 3, "memory_efficient_linear": False}}
     assert linears_as_under_zero3_default(model, units) == clip_linears + 2  # the tower's and the projector's two
+    # the frozen tower's linears: the same arithmetic, without the autograd.Function (2-D input takes addmm)
+    fc1 = model.model.vision_tower.encoder.layers[0].mlp.fc1
+    with torch.no_grad():
+        fc1.bias.fill_(1e-3)
+        for shape in ((2, preset.vision.image_tokens, fc1.in_features), (7, fc1.in_features)):
+            x = torch.randn(*shape, dtype=torch.bfloat16)
+            assert torch.equal(fc1(x), zero3_linear_wrap(x, fc1.weight, fc1.bias))
     out = linear(features.requires_grad_(True))
     assert torch.equal(out, zero3_out)
     out.float().sum().backward()  # and the projector still trains

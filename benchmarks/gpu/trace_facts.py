@@ -6,7 +6,9 @@
 - the compute side's idle time by phase and cause, as accelbench.train.profiling.device_timeline computes it now
   (a summary.json written by an older version may split it a little differently);
 - the queued part of it by the communication kernel that ended within 50 µs before the compute kernel that ended
-  the gap (what the device waited for)."""
+  the gap (what the device waited for);
+- the stretch of each forward before the first compiled decoder layer's first kernel (the vision tower, the
+  projector and the image merge): its span, and how long a compute or a collective kernel ran within it."""
 from __future__ import annotations
 
 import argparse
@@ -68,6 +70,33 @@ def queued_by_wait(kernels: list[P.Kernel], steps: int) -> dict[str, float]:
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
+def before_decoder(kernels: list[P.Kernel], steps: int) -> dict[str, float]:
+    """Per step: the forward's first kernel to the first Inductor (``triton``) kernel, which is the first compiled
+    decoder layer's; busy time counted as the union of the kernels' intervals."""
+    forwards: dict[float | None, list[P.Kernel]] = {}
+    for k in kernels:
+        if k.phase == "forward":
+            forwards.setdefault(k.window, []).append(k)
+    span = compute = comm = 0.0
+    for ks in forwards.values():
+        ks.sort(key=lambda k: k.start)
+        first = next((k.start for k in ks if k.name.startswith("triton")), None)
+        if first is None:
+            continue
+        span += first - ks[0].start
+        for kind in ("compute", "communication"):
+            busy, end = 0.0, ks[0].start
+            for k in ks:
+                if k.start >= first:
+                    break
+                if (P.category(k.name) == "communication") == (kind == "communication"):
+                    busy += max(0.0, min(k.end, first) - max(k.start, end))
+                    end = max(end, min(k.end, first))
+            compute, comm = (compute + busy, comm) if kind == "compute" else (compute, comm + busy)
+    return {"span_s_per_step": span / steps, "compute_busy_s_per_step": compute / steps,
+            "collective_s_per_step": comm / steps}
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("trace")
@@ -83,7 +112,8 @@ def main() -> None:
                       "idle_s_by_cause": timeline.get("compute_idle_s_by_cause", {}),
                       "launched_late_host_activity_s": timeline.get("launched_late_host_activity_s", {}),
                       "collectives": collectives(kernels, a.steps),
-                      "queued_s_by_what_ended_just_before": queued_by_wait(kernels, a.steps)}, indent=1))
+                      "queued_s_by_what_ended_just_before": queued_by_wait(kernels, a.steps),
+                      "before_the_first_decoder_layer": before_decoder(kernels, a.steps)}, indent=1))
 
 
 if __name__ == "__main__":
