@@ -122,8 +122,9 @@ class RunPlan:
     @property
     def whole_tower(self) -> bool:
         """Lever "whole-tower": under ZeRO-3 the frozen vision tower stays whole on every rank (DeepSpeed's
-        persistence threshold raised to its largest tensor), so its forward gathers nothing. Partitioned, each of
-        its layers waits on an all-gather, which waits for the slowest rank, for a few GEMMs of 1024 wide."""
+        persistence threshold raised to its encoder layers' largest tensor, ``memory.tower_threshold``), so its
+        forward gathers nothing. Partitioned, each of its layers waits on an all-gather, which waits for the slowest
+        rank, for a few GEMMs 1024 wide."""
         return self.zero_stage == 3 and "whole-tower" not in self.without
 
     @property
@@ -179,7 +180,8 @@ class RunPlan:
             "recompute_layers": self.recompute_layers, "recompute_table": [list(r) for r in self.recompute_table],
             "micro_batch_tokens": self.micro_batch_tokens,
             "without": list(self.without), "zero3_buckets": self.zero3_buckets, "balanced_ranks": self.balanced_ranks,
-            "lean_step": self.lean_step, "whole_tower": self.whole_tower, "elementwise_recompute": self.elementwise_recompute,
+            "lean_step": self.lean_step, "whole_tower": self.whole_tower,
+            "elementwise_recompute": self.elementwise_recompute,
             "offload_layers": self.offload_layers, "offload_layer_bytes": self.offload_layer_bytes,
             "offload_table": [list(r) for r in self.offload_table],
             "ds_overrides": self.deepspeed_overrides(),

@@ -151,14 +151,15 @@ def run_peer(s: Settings, out: Path, repeat: int, timeout: float = 1800, torchru
 
 def same_zero_config(s: Settings, accelbench: RunResult) -> Settings:
     """The peer's settings, so that it runs the ZeRO config accelbench's plan resolved: the peer takes the 5e8
-    ZeRO-3 buckets and the whole vision tower by default, and the planner drops the buckets where they would not
-    fit (plan.py), the user either lever.  A failed run resolved nothing, so the settings stay those of the last
-    run that did."""
+    ZeRO-3 buckets and the whole vision tower by default; the planner drops the buckets where they would not fit
+    (plan.py), and ``--without`` either lever.  A failed run resolved nothing, so the settings stay those of the
+    last run that did."""
     plan = accelbench.summary.get("_plan")
-    if not plan or plan.get("zero_stage") != 3:
-        return s if not plan else replace(s, peer_args=())
-    args = ("--llava-zero3-buckets",) if plan.get("zero3_buckets") is False else ()
-    args += ("--llava-persistence",) if plan.get("whole_tower") is False else ()
+    if not plan:
+        return s
+    zero3 = plan.get("zero_stage") == 3
+    args = ("--llava-zero3-buckets",) if zero3 and plan.get("zero3_buckets") is False else ()
+    args += ("--llava-persistence",) if zero3 and plan.get("whole_tower") is False else ()
     return replace(s, peer_args=args)
 
 

@@ -63,8 +63,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--llava-zero3-buckets", action="store_true",
                    help="LLaVA's ZeRO-3 bucket sizes (hidden²) instead of the 5e8-element ones accelbench's plan uses")
     p.add_argument("--llava-persistence", action="store_true",
-                   help="LLaVA's ZeRO-3 persistence threshold (10·hidden) instead of the one by which accelbench's plan "
-                        "keeps the frozen vision tower whole")
+                   help="LLaVA's ZeRO-3 persistence threshold (10·hidden) instead of the one by which accelbench's "
+                        "plan keeps the frozen vision tower whole")
     p.add_argument("--backend", help="accelbench backend whose DeepSpeed accelerator to install (default: auto)")
     # two documented options that change only rounding: the peer's own rounding variants for the loss check
     p.add_argument("--attn", default="sdpa", choices=("sdpa", "eager"),

@@ -46,16 +46,15 @@ def _child(kernels: str, out: str, dtype: str = "fp32", zero: str = "units", lin
     from accelbench.train.packing import collate_packed
     from accelbench.train.stage import StageRunner, model_inputs
     from accelbench.train.varlen_attention import register
-
     from accelbench.memory import tower_threshold
 
     preset = get_preset("tiny")
-    whole_tower = kernels.endswith("+tower")
+    threshold = tower_threshold(preset) if kernels.endswith("+tower") else None
     kernels = kernels.removesuffix("+tower")
     config = deepspeed_config(zero_stage=3, micro_batch=2, grad_accum=1, world_size=2, dtype=dtype,
                               hidden_size=preset.llm.hidden,
                               overrides=tuned_overrides(False, None, compiled_layers=zero == "units",
-                                                        tower_threshold=tower_threshold(preset) if whole_tower else None))
+                                                        tower_threshold=threshold))
     torch.manual_seed(0)
     model = build_model(preset, image_token_id=IMAGE_TOKEN, pad_token_id=0, dtype=dtype, attn_implementation=register(),
                         device=torch.device("cpu"), zero3_config=config)

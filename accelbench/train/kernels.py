@@ -70,8 +70,9 @@ def compile_layers(model: Any, name: str, elementwise_recompute: bool = False) -
 
 def linears_as_under_zero3_default(model: Any, zero3_config: dict[str, Any] | None) -> int:
     """Where ``zero3_config`` (a ZeRO-3 run's DeepSpeed config) sets ``memory_efficient_linear: false`` -- compiled
-    layers need torch's own linear inside their graphs (``ds_config.COMPILED_LAYERS``) -- run the vision tower's
-    and the projector's linear layers through DeepSpeed's ZeRO-3 linear function; returns how many (0 elsewhere).
+    layers need torch's own linear inside their graphs (``ds_config.COMPILED_LAYERS``) -- run the projector's
+    linear layers through DeepSpeed's ZeRO-3 linear function, and the frozen vision tower's through the same
+    arithmetic without the function's autograd wrapper; returns how many (0 elsewhere).
 
     By default ZeRO-3 replaces ``nn.functional.linear`` for the whole process with that function, and so it does in
     the peer and in LLaVA's own training. It adds the bias after the matmul, a second bf16 rounding, where torch's
