@@ -8,7 +8,9 @@
 - the queued part of it by the communication kernel that ended within 50 µs before the compute kernel that ended
   the gap (what the device waited for);
 - the stretch of each forward before the first compiled decoder layer's first kernel (the vision tower, the
-  projector and the image merge): its span, and how long a compute or a collective kernel ran within it."""
+  projector and the image merge): its span, and how long a compute or a collective kernel ran within it;
+- how much longer GEMMs ran while a collective kernel (or a copy to or from pinned host memory) ran beside them
+  for nearly all their time, than GEMMs of the same kernel and grid ran with neither beside them (medians)."""
 from __future__ import annotations
 
 import argparse
@@ -97,6 +99,44 @@ def before_decoder(kernels: list[P.Kernel], steps: int) -> dict[str, float]:
             "collective_s_per_step": comm / steps}
 
 
+def _overlap(intervals: list[tuple[float, float]], a: float, b: float) -> float:
+    """Length of [a, b] covered by ``intervals`` (sorted by start, non-overlapping enough for a sum)."""
+    i, covered = max(bisect.bisect_left(intervals, (a,)) - 1, 0), 0.0
+    while i < len(intervals) and intervals[i][0] < b:
+        covered += max(0.0, min(b, intervals[i][1]) - max(a, intervals[i][0]))
+        i += 1
+    return covered
+
+
+def gemms_beside(events: list[dict[str, Any]], steps: int) -> dict[str, Any]:
+    device = P._device(events)
+    kernels = [e for e in events if e.get("cat") == "kernel" and e.get("pid") == device and "dur" in e]
+    beside = {kind: sorted((e["ts"], e["ts"] + e["dur"]) for e in kernels if name in e["name"])
+              for kind, name in (("all-gather", "AllGather"), ("reduce-scatter", "ReduceScatter"))}
+    beside["host copy"] = sorted((e["ts"], e["ts"] + e["dur"]) for e in events
+                                 if e.get("cat") == "gpu_memcpy" and "Pinned" in e.get("name", "") and "dur" in e)
+    shapes: dict[tuple[str, str], list[tuple[float, dict[str, float]]]] = {}
+    for e in kernels:
+        if e["name"].startswith("nvjet") and e["dur"] > 0:
+            a, b = e["ts"], e["ts"] + e["dur"]
+            shares = {k: _overlap(v, a, b) / e["dur"] for k, v in beside.items()}
+            shapes.setdefault((e["name"], str(e.get("args", {}).get("grid"))), []).append((e["dur"], shares))
+    ratios: dict[str, list[float]] = {k: [] for k in beside}
+    excess = dict.fromkeys(beside, 0.0)
+    for runs in shapes.values():
+        alone = [d for d, shares in runs if max(shares.values()) < 0.02]
+        if len(alone) < 3:
+            continue
+        base = statistics.median(alone)
+        for d, shares in runs:
+            for kind, share in shares.items():
+                if share > 0.9 and all(v < 0.02 for k, v in shares.items() if k != kind):
+                    ratios[kind].append(d / base)
+                    excess[kind] += (d - base) / 1e6 / steps
+    return {kind: {"gemms": len(r), "median_time_over_alone": round(statistics.median(r), 3),
+                   "excess_s_per_step": round(excess[kind], 4)} for kind, r in ratios.items() if r}
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("trace")
@@ -113,7 +153,8 @@ def main() -> None:
                       "launched_late_host_activity_s": timeline.get("launched_late_host_activity_s", {}),
                       "collectives": collectives(kernels, a.steps),
                       "queued_s_by_what_ended_just_before": queued_by_wait(kernels, a.steps),
-                      "before_the_first_decoder_layer": before_decoder(kernels, a.steps)}, indent=1))
+                      "before_the_first_decoder_layer": before_decoder(kernels, a.steps),
+                      "gemms_beside": gemms_beside(events, a.steps)}, indent=1))
 
 
 if __name__ == "__main__":
