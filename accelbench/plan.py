@@ -283,6 +283,13 @@ def build_plan(backend: Any, *, case: str, stage: str, nproc: int = 1, micro_bat
     plan.record(backend.setup_env(plan.env))
     _resolve_capabilities(plan, backend)
     _check_compiled_layer_config(plan)
+    if plan.whole_tower:
+        from .memory import tower_threshold
+
+        plan.record([Adjustment("stage3_param_persistence_threshold", f"{10 * plan.preset.llm.hidden} (10·hidden, "
+                                "LLaVA's zero3.json)", tower_threshold(plan.preset), "the frozen vision tower stays "
+                                "whole on every rank, so its forward gathers nothing (--without whole-tower)",
+                                "accelbench")])
     plan.usable_memory = int(plan.device_memory * backend.memory_headroom())
     calibration = backend.memory_calibration()
     if requested == "auto":

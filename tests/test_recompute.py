@@ -349,8 +349,10 @@ def test_the_whole_tower_is_zero3s_and_can_be_turned_off(h200):
     assert finetune.whole_tower and line in optimizations({"f": finetune}) and threshold(finetune) == 1024 * 4096
     pretrain = _pretrain13(h200)  # ZeRO-2 keeps every parameter whole
     assert not pretrain.whole_tower and line not in optimizations({"p": pretrain}) and threshold(pretrain) is None
+    assert [a.to for a in finetune.adjustments if a.what == "stage3_param_persistence_threshold"] == [1024 * 4096]
     off = build_plan(h200, case="llava1.5-13b", stage="finetune", nproc=2, without=["whole-tower"])
     assert off.to_dict()["whole_tower"] is False and threshold(off) is None
+    assert not [a for a in off.adjustments + pretrain.adjustments if a.what == "stage3_param_persistence_threshold"]
     # it costs the tower's bf16 copy beside its partition, and the estimate sees it
     extra = estimate(finetune).terms["params_persistent"] - estimate(off).terms["params_persistent"]
     assert 0.55 * 2**30 < extra < 0.6 * 2**30  # CLIP ViT-L/14-336: 303M parameters, less its norms and biases
