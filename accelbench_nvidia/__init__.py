@@ -86,6 +86,16 @@ def _driver_version() -> str:
     return "unknown"
 
 
+def _nccl_version() -> str:
+    """The NCCL that torch was built with: what runs the collectives, and what NCCL's tuning variables depend on."""
+    import torch
+
+    try:
+        return ".".join(str(part) for part in torch.cuda.nccl.version())
+    except (AttributeError, RuntimeError):  # a torch without NCCL (CPU builds)
+        return "unknown"
+
+
 @hookimpl
 def accelbench_device_info(backend: str, machine: MachineFacts) -> DeviceInfo | None:
     if backend != NAME:
@@ -95,6 +105,7 @@ def accelbench_device_info(backend: str, machine: MachineFacts) -> DeviceInfo | 
     versions = {"torch": machine.torch_version or "?", "cuda": machine.cuda_version or "?"}
     if not machine.described:
         versions["driver"] = _driver_version()
+        versions["nccl"] = _nccl_version()
     return DeviceInfo(vendor="NVIDIA", device_names=machine.device_names, torch_device_type="cuda",
                       memory_bytes=machine.device_memory, deepspeed_accelerator="cuda", dist_backend="nccl",
                       peak_flops=peaks, versions=versions)

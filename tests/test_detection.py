@@ -86,6 +86,20 @@ def test_nvidia_peak_table(name, dtype, tflops):
     assert peak.flops == pytest.approx(tflops * 1e12)
 
 
+def test_nvidia_device_info_names_the_nccl_torch_runs(monkeypatch):
+    import torch
+
+    _, reg = statuses(machine("2.4.0+cu124", ["NVIDIA H200"], cap=(9, 0)))
+    monkeypatch.setattr(torch.cuda.nccl, "version", lambda: (2, 27, 3))
+    assert reg.select("nvidia").device_info().versions["nccl"] == "2.27.3"
+
+    def without_nccl():
+        raise AttributeError("module 'torch._C' has no attribute '_nccl_version'")  # a CPU build of torch
+
+    monkeypatch.setattr(torch.cuda.nccl, "version", without_nccl)
+    assert reg.select("nvidia").device_info().versions["nccl"] == "unknown"
+
+
 def test_unknown_nvidia_device_has_unknown_peak():
     _, reg = statuses(machine("2.4.0+cu124", ["NVIDIA GeForce GTX 1080"], cap=(6, 1)))
     info = reg.select("nvidia").device_info()
