@@ -72,9 +72,20 @@ def queued_by_wait(kernels: list[P.Kernel], steps: int) -> dict[str, float]:
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
+def _busy(kernels: list[P.Kernel], until: float) -> float:
+    """Time before ``until`` in which at least one of ``kernels`` (sorted by start) ran."""
+    busy, end = 0.0, float("-inf")
+    for k in kernels:
+        if k.start >= until:
+            break
+        start, stop = max(k.start, end), min(k.end, until)
+        busy, end = busy + max(0.0, stop - start), max(end, stop)
+    return busy
+
+
 def before_decoder(kernels: list[P.Kernel], steps: int) -> dict[str, float]:
     """Per step: the forward's first kernel to the first Inductor (``triton``) kernel, which is the first compiled
-    decoder layer's; busy time counted as the union of the kernels' intervals."""
+    decoder layer's."""
     forwards: dict[float | None, list[P.Kernel]] = {}
     for k in kernels:
         if k.phase == "forward":
@@ -86,15 +97,8 @@ def before_decoder(kernels: list[P.Kernel], steps: int) -> dict[str, float]:
         if first is None:
             continue
         span += first - ks[0].start
-        for kind in ("compute", "communication"):
-            busy, end = 0.0, ks[0].start
-            for k in ks:
-                if k.start >= first:
-                    break
-                if (P.category(k.name) == "communication") == (kind == "communication"):
-                    busy += max(0.0, min(k.end, first) - max(k.start, end))
-                    end = max(end, min(k.end, first))
-            compute, comm = (compute + busy, comm) if kind == "compute" else (compute, comm + busy)
+        compute += _busy([k for k in ks if P.category(k.name) != "communication"], first)
+        comm += _busy([k for k in ks if P.category(k.name) == "communication"], first)
     return {"span_s_per_step": span / steps, "compute_busy_s_per_step": compute / steps,
             "collective_s_per_step": comm / steps}
 
