@@ -174,8 +174,10 @@ def tower_threshold(preset: ModelPreset) -> int:
     whole tower (its patch and position embeddings are smaller) and no decoder weight (the smallest is hidden²),
     but the projector's first linear (1024 x hidden) at 7B. Never below LLaVA's own threshold (HF's "auto",
     10·hidden), which keeps the norms whole."""
+    from accelbench.train.ds_config import llava_persistence_threshold
+
     v = preset.vision
-    return max(10 * preset.llm.hidden, v.hidden * max(v.hidden, v.intermediate))
+    return max(llava_persistence_threshold(preset.llm.hidden), v.hidden * max(v.hidden, v.intermediate))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -285,11 +285,12 @@ def build_plan(backend: Any, *, case: str, stage: str, nproc: int = 1, micro_bat
     _check_compiled_layer_config(plan)
     if plan.whole_tower:
         from .memory import tower_threshold
+        from .train.ds_config import llava_persistence_threshold
 
-        plan.record([Adjustment("stage3_param_persistence_threshold", f"{10 * plan.preset.llm.hidden} (10·hidden, "
-                                "LLaVA's zero3.json)", tower_threshold(plan.preset), "the frozen vision tower stays "
-                                "whole on every rank, so its forward gathers nothing (--without whole-tower)",
-                                "accelbench")])
+        llava = llava_persistence_threshold(plan.preset.llm.hidden)
+        plan.record([Adjustment("stage3_param_persistence_threshold", f"{llava} (10·hidden, LLaVA's zero3.json)",
+                                tower_threshold(plan.preset), "the frozen vision tower stays whole on every rank, "
+                                "so its forward gathers nothing (--without whole-tower)", "accelbench")])
     plan.usable_memory = int(plan.device_memory * backend.memory_headroom())
     calibration = backend.memory_calibration()
     if requested == "auto":
@@ -443,13 +444,13 @@ def _fit_offload(plan: RunPlan, backend: Any, usable: int, replayed: int) -> int
     from .train.flops import llm_layer_matmul_params
 
     link = backend.host_link()
-    peak = backend.peak_flops(plan.device_name, plan.dtype).flops
     if plan.offload == 0 or "offload-activations" in plan.without or not link:
         return replayed
     inp = memory_input(plan)
     saved = layer_saved_bytes_per_token(inp)
     layers = plan.preset.llm.layers
     if plan.offload == "auto":
+        peak = backend.peak_flops(plan.device_name, plan.dtype).flops
         if not replayed or not peak:
             return replayed
         # layers offloadable per layer of forward: the forward's time / one layer's copy time (both per token)

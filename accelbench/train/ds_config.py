@@ -29,6 +29,11 @@ def _zero2(hidden_size: int) -> dict[str, Any]:
     }
 
 
+def llava_persistence_threshold(hidden_size: int) -> int:
+    """LLaVA's ZeRO-3 persistence threshold, HF's "auto": tensors of up to 10·hidden elements (the norms) stay whole."""
+    return 10 * hidden_size
+
+
 def _zero3(hidden_size: int) -> dict[str, Any]:
     h2 = hidden_size * hidden_size
     return {
@@ -40,7 +45,7 @@ def _zero3(hidden_size: int) -> dict[str, Any]:
         # persistence threshold "auto" -> 10·hidden.
         "reduce_bucket_size": h2,
         "stage3_prefetch_bucket_size": int(0.9 * h2),
-        "stage3_param_persistence_threshold": 10 * hidden_size,
+        "stage3_param_persistence_threshold": llava_persistence_threshold(hidden_size),
         "stage3_max_live_parameters": 1_000_000_000,
         "stage3_max_reuse_distance": 1_000_000_000,
         "stage3_gather_16bit_weights_on_model_save": True,

@@ -84,14 +84,17 @@ class _Arena:
 
     def __init__(self, nbytes: int, pin: bool):
         self.pin = pin
-        self.memory = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+        self.memory = self._memory(nbytes)
         self.start = 0  # where the next tensor goes in ``memory``
         self.total = 0  # bytes this micro-batch asked for, in this and in outgrown memory
+
+    def _memory(self, nbytes: int) -> torch.Tensor:
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin)
 
     def reset(self) -> None:
         """A new micro-batch: the backward that took the last one's tensors waited for their copies back."""
         if self.total > self.memory.numel():  # the last one outgrew this memory (in pieces): one piece from now on
-            self.memory = torch.empty(int(self.total * self.GROWTH), dtype=torch.uint8, pin_memory=self.pin)
+            self.memory = self._memory(int(self.total * self.GROWTH))
         self.start = self.total = 0
 
     def take_like(self, t: torch.Tensor) -> torch.Tensor:
@@ -101,7 +104,7 @@ class _Arena:
         self.total += nbytes
         if self.start + nbytes > self.memory.numel():
             # the tensors already placed keep the outgrown memory alive until the backward takes them
-            self.memory = torch.empty(int(self.total * self.GROWTH), dtype=torch.uint8, pin_memory=self.pin)
+            self.memory = self._memory(int(self.total * self.GROWTH))
             self.start = 0
         flat = self.memory[self.start:self.start + span * t.element_size()].view(t.dtype)
         self.start += nbytes
