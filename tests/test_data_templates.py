@@ -10,8 +10,8 @@ from PIL import Image
 
 from accelbench.errors import AccelbenchError, DataError
 from accelbench.train.data import (
-    IGNORE_INDEX, VICUNA_SYSTEM, BadRecords, LengthGroupedSampler, LlavaDataset, collate, deal_by_length,
-    load_records, validate_records,
+    IGNORE_INDEX, VICUNA_SYSTEM, BadRecords, EpochAfterEpoch, LengthGroupedSampler, LlavaDataset, collate,
+    deal_by_length, load_records, validate_records,
 )
 from accelbench.train.synth import synthesize
 
@@ -192,6 +192,75 @@ def test_sampler_resume_skips_batches():
     resumed = LengthGroupedSampler(lengths, 4, 2, 1, seed=5)
     resumed.set_epoch(2, start_index=3)
     assert list(resumed) == full[3:] and len(resumed) == len(full) - 3
+
+
+def test_epoch_after_epoch_continues_each_epochs_batches_from_the_resume_point():
+    lengths = sampler_lengths()
+    sampler = LengthGroupedSampler(lengths, 4, 2, 1, seed=5)
+    per_epoch = [list(LengthGroupedSampler(lengths, 4, 2, 1, seed=5, epoch=e)) for e in range(2, 5)]
+    sampler.set_epoch(2, start_index=3)
+    endless = iter(EpochAfterEpoch(sampler))
+    taken = [next(endless) for _ in range(len(per_epoch[0]) - 3 + len(per_epoch[1]) + 2)]
+    assert taken == per_epoch[0][3:] + per_epoch[1] + per_epoch[2][:2]
+
+
+def _stage_positions(epoch: int, start: int, batches_per_rank: int, count: int) -> list[tuple[int, int]]:
+    from types import SimpleNamespace
+
+    from accelbench.train.stage import StageRunner
+
+    sampler = LengthGroupedSampler([5] * (4 * batches_per_rank), 4, seed=0)
+    stage = SimpleNamespace(_position=None)
+    batches = StageRunner._batches(stage, EpochAfterEpoch(sampler), sampler, epoch, start)
+    positions = []
+    for _ in range(count):
+        next(batches)
+        positions.append(stage._position)
+    return positions
+
+
+def test_stage_positions_roll_over_at_the_epochs_end_so_resume_continues_after_the_last_batch():
+    assert _stage_positions(0, 1, 3, 4) == [(0, 2), (1, 0), (1, 1), (1, 2)]
+    # a checkpoint written after an epoch's last batch (as older runs saved it) resumes in the next epoch
+    assert _stage_positions(0, 3, 3, 2) == _stage_positions(1, 0, 3, 2) == [(1, 1), (1, 2)]
+
+
+class _LoadLog(torch.utils.data.Dataset):
+    """Appends each index to a file as a worker loads it."""
+
+    def __init__(self, path: Path, n: int) -> None:
+        self.path, self.n = path, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> int:
+        with open(self.path, "a") as f:
+            f.write(f"{index}\n")
+        return index
+
+
+def test_loader_workers_load_the_next_epochs_first_batch_before_it_is_asked_for(tmp_path: Path):
+    import time
+
+    log = tmp_path / "loaded.txt"
+    log.touch()
+    sampler = LengthGroupedSampler([5] * 8, 4, seed=0)  # two batches an epoch
+    loader = torch.utils.data.DataLoader(_LoadLog(log, 8), batch_sampler=EpochAfterEpoch(sampler),
+                                         num_workers=1, prefetch_factor=4, collate_fn=list)
+    batches = iter(loader)
+    epoch0 = [next(batches) for _ in range(sampler.batches_per_rank)]
+    first_of_epoch1 = set(sampler.rank_batches(1)[0])
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        # the log has epoch 0's eight indices, then the next epoch's loads
+        later = {int(line) for line in log.read_text().split()[8:]}
+        if first_of_epoch1 <= later:
+            break
+        time.sleep(0.05)
+    assert first_of_epoch1 <= later, "the workers did not load into the next epoch"
+    assert sorted(i for b in epoch0 for i in b) == list(range(8))
+    assert next(batches) == sampler.rank_batches(1)[0]
 
 
 def test_balanced_ranks_train_the_same_samples_each_step_with_closer_token_counts():

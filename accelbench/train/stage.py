@@ -158,7 +158,7 @@ class StageRunner:
         """Padded micro-batches, or one packed row per micro-batch when the attention takes varlen input."""
         from functools import partial
 
-        from .data import collate
+        from .data import EpochAfterEpoch, collate
         from .packing import collate_packed
 
         fn = partial(collate_packed if self.plan.get("packed") else collate, pad_token_id=self.pad_token_id,
@@ -166,12 +166,10 @@ class StageRunner:
         workers = self.cfg.loader_workers
         if workers is None:  # CPU ranks already use every core for compute
             workers = 0 if self.device.type == "cpu" else min(4, max(1, (os.cpu_count() or 1) // self.world_size))
-        return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=fn,
-                                           pin_memory=self.device.type == "cuda",
-                                           prefetch_factor=2 if workers else None,
-                                           # indices come from the batch sampler in this process, so the
-                                           # workers can outlive an epoch instead of being re-spawned
-                                           persistent_workers=workers > 0)
+        # one iteration over every epoch: the workers load across an epoch's end as anywhere else
+        return torch.utils.data.DataLoader(dataset, batch_sampler=EpochAfterEpoch(sampler), num_workers=workers,
+                                           collate_fn=fn, pin_memory=self.device.type == "cuda",
+                                           prefetch_factor=2 if workers else None)
 
     def pretrain_projector(self) -> str | None:
         """Finetune starts from the pretrain stage's projector when this run trained one."""
@@ -380,16 +378,18 @@ class StageRunner:
         raise NonFiniteLoss(self.stage, step, [i for v in gathered for i in v], report=str(report), checkpoint=saved)
 
     def _batches(self, loader: Any, sampler: Any, epoch: int, start: int):  # noqa: ANN202 - a plain generator
-        """Micro-batches forever, from (epoch, batch ``start`` of that epoch); ``_position`` is what a
-        checkpoint must record to continue exactly after the last batch handed out."""
-        while True:
-            sampler.set_epoch(epoch, start)
-            for batch in loader:
-                start += 1
-                self._position = (epoch, start)
-                yield batch
+        """Micro-batches without end, from (epoch, batch ``start`` of that epoch), the loader's one iteration
+        (``data.EpochAfterEpoch``); ``_position`` is what a checkpoint must record to continue exactly after the
+        last batch handed out."""
+        if start >= sampler.batches_per_rank:  # saved after an epoch's last batch
             epoch, start = epoch + 1, 0
-            self._position = (epoch, 0)
+        sampler.set_epoch(epoch, start)  # read when the loop below starts the loader's iteration
+        for batch in loader:
+            start += 1
+            if start >= sampler.batches_per_rank:
+                epoch, start = epoch + 1, 0
+            self._position = (epoch, start)
+            yield batch
 
     def _graphs(self) -> int:
         """Graphs torch.compile has made in this process so far (0 without compiled layers)."""
