@@ -53,6 +53,26 @@ def test_embedded_default_fills_every_column(tmp_path):
         assert section in report
 
 
+def test_gc_clock_counts_the_collectors_time_once():
+    import gc
+
+    from accelbench.train.metrics import GcClock
+
+    clock = GcClock()
+    try:
+        garbage = [[] for _ in range(100_000)]
+        for a, b in zip(garbage, garbage[1:]):  # cycles only the collector frees
+            a.append(b), b.append(a)
+        del garbage, a, b
+        gc.collect()
+        assert clock.take() > 0.0
+        assert clock.take() == 0.0
+    finally:
+        clock.close()
+    gc.collect()
+    assert clock.take() == 0.0  # closed: no longer listening
+
+
 def test_two_processes_gloo(tmp_path):
     out = _accelbench("run", "--nproc-per-node", "2", "--steps", "4", "--no-eval", "--out", str(tmp_path / "r"),
                       tmp_path=tmp_path)
@@ -81,6 +101,8 @@ def test_two_processes_gloo(tmp_path):
     def steps(run: str) -> list[dict]:
         return [json.loads(line) for line in (tmp_path / run / "events.jsonl").read_text().splitlines()]
 
+    for event in steps("r"):  # what held a rank back: the collector's seconds on the host; no device allocator
+        assert event["gc_s"] >= 0.0 and event["alloc_retries"] is None
     dtype = llava["stages"]["finetune"]["plan"]["dtype"]
     assert dtype == result["stages"]["finetune"]["plan"]["dtype"]
     rounding = {"fp32": 1e-5, "bf16": 1e-3}[dtype]  # bf16 keeps 8 bits: an update can round another way

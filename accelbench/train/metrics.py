@@ -10,9 +10,11 @@ Accounting (also in docs/metrics.md):
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 import resource
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from statistics import mean
@@ -44,6 +46,11 @@ class StepRecord:
     # backward needed before their copy back had been started (0 when every one was fetched ahead)
     offloaded_bytes: int | None = None
     offload_late: int | None = None
+    # what can hold one rank back while the others wait for it at the next collective, the most of any rank this
+    # step: seconds its host spent in Python's garbage collector, and its device allocator's retries (an
+    # allocation that found no free memory frees every cached block and tries again, after a device sync)
+    gc_s: float | None = None
+    alloc_retries: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -56,6 +63,29 @@ def rss_bytes() -> int:
             return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class GcClock:
+    """Seconds this process's host spends in Python's garbage collector (``gc.callbacks``), taken step by step."""
+
+    def __init__(self) -> None:
+        self._seconds, self._since = 0.0, None
+        gc.callbacks.append(self._note)
+
+    def _note(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._since = time.perf_counter()
+        elif self._since is not None:
+            self._seconds += time.perf_counter() - self._since
+            self._since = None
+
+    def take(self) -> float:
+        """The seconds since the last call."""
+        seconds, self._seconds = self._seconds, 0.0
+        return seconds
+
+    def close(self) -> None:
+        gc.callbacks.remove(self._note)
 
 
 def warmup_steps(total: int) -> int:
@@ -154,6 +184,10 @@ def summarize(records: list[StepRecord], *, world_size: int, stage_wall_s: float
         "replayed_layers_mean": mean(replays) if replays else None,
         "mem_peak_allocated": peak_alloc, "mem_peak_reserved": max(r.mem_reserved for r in records),
         "mem_rss_peak": max(r.rss for r in records), "mem_device_total": device_total,
+        # what held ranks back (StepRecord): the longest garbage collection of a step, and allocator retries
+        "gc_s_max": max((r.gc_s for r in records if r.gc_s is not None), default=None),
+        "alloc_retries": sum(r.alloc_retries for r in records) if any(r.alloc_retries is not None for r in records)
+        else None,
         "stage_wall_s": stage_wall_s,
     }
     return out

@@ -17,7 +17,7 @@ from ..progress import Progress
 from . import checkpoint, faults, zero3_step
 from .config import RunConfig
 from .objective import LlavaObjective, lm_head_calls
-from .metrics import EventLog, StepRecord, read_step_records, rss_bytes, summarize, warmup_steps
+from .metrics import EventLog, GcClock, StepRecord, read_step_records, rss_bytes, summarize, warmup_steps
 from .model import replay_first_layers
 from .offload import ActivationOffload
 
@@ -71,6 +71,7 @@ class StageRunner:
         self.compiled_layers = 0  # decoder layers compiled by torch.compile (kernel set "inductor")
         self.offload: ActivationOffload | None = None  # lever "offload-activations" (build_engine)
         self._peaks: dict[str, int] = {}  # the run's memory peaks (_peak)
+        self._retries = 0  # the device allocator's retries so far (_alloc_retries)
         if rank == 0:
             self.stage_dir.mkdir(parents=True, exist_ok=True)
 
@@ -232,6 +233,7 @@ class StageRunner:
 
             profiler = StepProfiler(tuple(self.cfg.profile_steps), self.stage_dir / "profile", rank=self.rank,
                                     device_type=self.device.type)
+        gc_clock, self._retries = GcClock(), self._alloc_retries_total()
         for step in range(start_step, steps):
             n = step + 1  # optimizer steps are counted from 1 in events, messages and faults
             if profiler is not None:
@@ -306,6 +308,9 @@ class StageRunner:
             if profiler is not None:
                 profiler.after(n)
             grad_norm = engine.get_global_grad_norm()
+            # after the clock stopped: the most of any rank, so a step that waited for one rank says why
+            stalls = torch.tensor([gc_clock.take(), self._alloc_retries()], dtype=torch.float64, device=self.device)
+            dist.all_reduce(stalls, op=dist.ReduceOp.MAX)
             rec = StepRecord(
                 stage=self.stage, step=n, time_s=dt, real_tokens=int(stats[0]), padded_tokens=int(stats[1]),
                 samples=int(stats[2]), loss=loss_mean, lr=float(engine.get_lr()[0]),
@@ -318,6 +323,7 @@ class StageRunner:
                 mem_step_peak=self._mem("max_memory_allocated") if self.device.type == "cuda" else None,
                 offloaded_bytes=None if self.offload is None else self.offload.bytes_offloaded,
                 offload_late=None if self.offload is None else self.offload.late,
+                gc_s=float(stalls[0]), alloc_retries=int(stalls[1]) if self.device.type == "cuda" else None,
             )
             records.append(rec)
             if self.rank == 0:
@@ -332,6 +338,7 @@ class StageRunner:
                                       where)
             if watchdog is not None:
                 watchdog.beat(self.stage, n)
+        gc_clock.close()
         if watchdog is not None:
             watchdog.disarm()
         progress.close()
@@ -415,6 +422,15 @@ class StageRunner:
         p, layers = self.plan, self.preset.llm.layers
         count = offloads_for(p.get("offload_table") or [], batch["padded_tokens"], p["offload_layers"])
         return offloaded_positions(layers, layers if replayed is None else replayed, count)
+
+    def _alloc_retries_total(self) -> int:
+        return int(torch.cuda.memory_stats(self.device).get("num_alloc_retries", 0)) if self.device.type == "cuda" else 0
+
+    def _alloc_retries(self) -> int:
+        """The device allocator's retries since the last call."""
+        total = self._alloc_retries_total()
+        retries, self._retries = total - self._retries, total
+        return retries
 
     def _peak(self, what: str) -> int:
         """The run's peak so far: the device counters restart every step."""
