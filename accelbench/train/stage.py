@@ -424,7 +424,9 @@ class StageRunner:
         return offloaded_positions(layers, layers if replayed is None else replayed, count)
 
     def _alloc_retries_total(self) -> int:
-        return int(torch.cuda.memory_stats(self.device).get("num_alloc_retries", 0)) if self.device.type == "cuda" else 0
+        if self.device.type != "cuda":
+            return 0
+        return int(torch.cuda.memory_stats(self.device).get("num_alloc_retries", 0))
 
     def _alloc_retries(self) -> int:
         """The device allocator's retries since the last call."""
