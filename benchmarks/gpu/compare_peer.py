@@ -14,7 +14,8 @@ hands it to both (FINDINGS.md's peer measurement setting).  Runs alternate A/B, 
 
 The table: tokens/s per GPU (real tokens, steady steps), MFU and HFU from accelbench's analytic FLOPs
 (``flops.step_flops``, computed per micro-batch by both paths) against ``--peak-tflops`` (989.4: H200 dense
-bf16), peak allocated memory on rank 0, padding efficiency, loss after N steps, and accelbench / peer.
+bf16), peak allocated memory on rank 0, padding efficiency, loss after N steps, the device allocator's retries
+(accelbench's step records), and accelbench / peer.
 
 CPU smoke test of this script (runs here): ``python benchmarks/gpu/compare_peer.py --case tiny --nproc 1
 --steps 3 --repeats 1 --fixed-len 256``.
@@ -106,6 +107,7 @@ GPU_COLUMNS = [
     ("peak mem GiB", "mem_peak_gib", ".2f"),
     ("padding eff.", "padding_efficiency", ".3f"),
     ("loss after N steps", "loss_last", ".4f"),
+    ("allocator retries", "alloc_retries", "g"),  # accelbench's records only: a retry syncs and frees the cache
 ]
 
 
@@ -142,8 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for r in results + ablations:
         if r.summary.get("_plan"):
             print(f"  {r.path}: plan {r.summary['_plan']}")
-    if not a.no_peer:
-        cc.print_table(results, s, GPU_COLUMNS)
+    cc.print_table(results, s, GPU_COLUMNS)  # with one path only, its rows and medians
     if ablations:
         print_ablation(results[0], ablations)
     print_loss_check(results, ablations)
