@@ -53,6 +53,14 @@ def test_embedded_default_fills_every_column(tmp_path):
         assert section in report
 
 
+def test_allocator_retries_become_a_report_note():
+    from accelbench.train.run import retries_note
+
+    assert retries_note("finetune", {"alloc_retries": 0}) == retries_note("pretrain", {"alloc_retries": None}) == []
+    (note,) = retries_note("finetune", {"alloc_retries": 7})
+    assert note.startswith("finetune:") and "7 time(s)" in note and "--recompute" in note
+
+
 def test_gc_clock_counts_the_collectors_time_once():
     import gc
 

@@ -296,6 +296,7 @@ def execute(cfg: Any, backend: Any, result: dict[str, Any], spec: LaunchSpec,
             result["stages"][stage]["metrics"] = summary
             # changes the trainer made to the model itself (e.g. generation_config.do_sample)
             result["adjustments"] += [a | {"stage": stage} for a in summary.pop("trainer_adjustments", [])]
+            result["notes"] += retries_note(stage, summary)
         if cfg.eval_mmmu:  # a resumed evaluation continues from mmmu.partial.jsonl
             result["mmmu"] = run_mmmu_eval(run_dir, cfg, backend, quiet=cfg.quiet)
     except BaseException as exc:
@@ -365,6 +366,16 @@ def _launch_with_backoff(cfg: Any, spec: LaunchSpec, result: dict[str, Any]) -> 
             if not cfg.quiet:
                 changes = ", ".join(f"{a['what']} {a['from']} -> {a['to']}" for a in adjustments)
                 print(f"accelbench: {failure['message']}; {changes}; restarting {failure['stage']}", file=sys.stderr)
+
+
+def retries_note(stage: str, summary: dict[str, Any]) -> list[str]:
+    """A note for the report when the stage's device allocator had to retry (StepRecord.alloc_retries)."""
+    retries = summary.get("alloc_retries")
+    if not retries:
+        return []
+    return [f"{stage}: the device allocator ran out of free memory {retries} time(s) and retried after a device sync "
+            "and releasing every cached block, while the other ranks waited; memory is that close to full "
+            "(alloc_retries in docs/metrics.md), and --recompute with more layers leaves more room"]
 
 
 def _collect_stage_summaries(run_dir: Path, result: dict[str, Any]) -> None:
