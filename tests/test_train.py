@@ -61,6 +61,21 @@ def test_allocator_retries_become_a_report_note():
     assert note.startswith("finetune:") and "7 time(s)" in note and "--recompute" in note
 
 
+def test_reserved_memory_is_summed_per_stream_and_named_where_known():
+    from accelbench.train.metrics import reserved_by_stream
+
+    gib = 2**30
+    segments = [{"stream": 0, "total_size": 4 * gib, "allocated_size": 3 * gib},
+                {"stream": 0, "total_size": 2 * gib, "allocated_size": 0},
+                {"stream": 0x51, "total_size": 3 * gib, "allocated_size": gib},
+                {"stream": 0x77, "total_size": gib, "allocated_size": gib}]
+    out = reserved_by_stream(segments, {0: "compute", 0x51: "offload, back to the device"})
+    assert out == {"compute": {"reserved_gib": 6.0, "allocated_gib": 3.0},
+                   "offload, back to the device": {"reserved_gib": 3.0, "allocated_gib": 1.0},
+                   "stream 0x77": {"reserved_gib": 1.0, "allocated_gib": 1.0}}
+    assert list(out) == ["compute", "offload, back to the device", "stream 0x77"]  # the most reserved first
+
+
 def test_gc_clock_counts_the_collectors_time_once():
     import gc
 

@@ -88,6 +88,20 @@ class GcClock:
         gc.callbacks.remove(self._note)
 
 
+def reserved_by_stream(segments: list[dict[str, Any]], names: dict[int, str]) -> dict[str, dict[str, float]]:
+    """GiB the device's caching allocator holds, and of it GiB allocated, per stream, from the segments of
+    ``torch.cuda.memory_snapshot()``. Its pools are per stream: memory that one stream's tensors freed serves only
+    that stream's later allocations until it is released, so another stream running out makes the allocator
+    release everything and retry (``StepRecord.alloc_retries``). ``names``: labels of the known streams by handle."""
+    out: dict[str, dict[str, float]] = {}
+    for segment in segments:
+        stream = int(segment["stream"])
+        entry = out.setdefault(names.get(stream, f"stream {stream:#x}"), {"reserved_gib": 0.0, "allocated_gib": 0.0})
+        entry["reserved_gib"] += segment["total_size"] / 2**30
+        entry["allocated_gib"] += segment["allocated_size"] / 2**30
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]["reserved_gib"]))
+
+
 def warmup_steps(total: int) -> int:
     """Steps excluded from steady state: the first fifth, at least 1 and at most 5 (when there are 3+)."""
     return 0 if total < 3 else max(1, min(5, total // 5))

@@ -17,7 +17,9 @@ from ..progress import Progress
 from . import checkpoint, faults, zero3_step
 from .config import RunConfig
 from .objective import LlavaObjective, lm_head_calls
-from .metrics import EventLog, GcClock, StepRecord, read_step_records, rss_bytes, summarize, warmup_steps
+from .metrics import (
+    EventLog, GcClock, StepRecord, read_step_records, reserved_by_stream, rss_bytes, summarize, warmup_steps,
+)
 from .model import replay_first_layers
 from .offload import ActivationOffload
 
@@ -355,6 +357,9 @@ class StageRunner:
 
             summary["compiled_layers"] = {"layers": self.compiled_layers, **compile_counters()}
         summary["mem_device_used"] = self._device_used()
+        if self.device.type == "cuda":
+            summary["mem_reserved_by_stream"] = reserved_by_stream(torch.cuda.memory_snapshot(),
+                                                                   self._stream_names(engine))
         if resume_at is not None:
             summary["resumed_from_step"] = resume_at
         del engine, model
@@ -422,6 +427,18 @@ class StageRunner:
         p, layers = self.plan, self.preset.llm.layers
         count = offloads_for(p.get("offload_table") or [], batch["padded_tokens"], p["offload_layers"])
         return offloaded_positions(layers, layers if replayed is None else replayed, count)
+
+    def _stream_names(self, engine: Any) -> dict[int, str]:
+        """Labels of the streams whose allocations this process makes, by handle (``reserved_by_stream``)."""
+        zero = getattr(engine, "optimizer", None)
+        offload = getattr(zero, "parameter_offload", None)
+        streams = {"compute": torch.cuda.current_stream(self.device),
+                   "ZeRO-3 parameter gathers": getattr(offload, "_DeepSpeedZeRoOffload__allgather_stream", None),
+                   "ZeRO reduce-scatters": getattr(zero, "reduce_and_partition_stream", None)}
+        if self.offload is not None:
+            streams |= {"offload, to the host": self.offload.to_host,
+                        "offload, back to the device": self.offload.to_device}
+        return {int(s.cuda_stream): name for name, s in streams.items() if s is not None}
 
     def _alloc_retries_total(self) -> int:
         if self.device.type != "cuda":
