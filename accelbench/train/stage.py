@@ -358,8 +358,11 @@ class StageRunner:
             summary["compiled_layers"] = {"layers": self.compiled_layers, **compile_counters()}
         summary["mem_device_used"] = self._device_used()
         if self.device.type == "cuda":
-            summary["mem_reserved_by_stream"] = reserved_by_stream(torch.cuda.memory_snapshot(),
-                                                                   self._stream_names(engine))
+            try:  # a diagnostic: the trained stage's summary must not be lost to it
+                summary["mem_reserved_by_stream"] = reserved_by_stream(torch.cuda.memory_snapshot(),
+                                                                       self._stream_names(engine))
+            except (RuntimeError, AttributeError, KeyError, TypeError) as exc:
+                summary["mem_reserved_by_stream"] = {"error": f"{type(exc).__name__}: {exc}"}
         if resume_at is not None:
             summary["resumed_from_step"] = resume_at
         del engine, model
