@@ -11,7 +11,8 @@ Mechanism: ``torch.autograd.graph.saved_tensors_hooks`` around the layer's forwa
 pass through them too). A tensor is copied only if it is large (``MIN_BYTES``) and is neither a parameter of the
 layer (ZeRO-3 gathers and releases those itself) nor one of the layer's other inputs (the rotary cos/sin, shared by
 every layer). In the backward, reaching a layer (the gradient of its output) starts the copy back of the next
-``LOOKAHEAD`` offloaded layers below it, so each arrives before its own backward needs it.
+``LOOKAHEAD`` offloaded layers below it, so each arrives before its own backward needs it. The copies back land in
+memory taken from the compute stream's pool, so the activations of the next forward can reuse it.
 """
 from __future__ import annotations
 
@@ -45,12 +46,17 @@ class _Saved:
             self.back = _empty_like(self.host, self.device)
             self.back.copy_(self.host, non_blocking=self.device.type != "cpu")
             return
+        # allocated on the compute stream, from its pool: the caching allocator keeps one pool per stream, and a
+        # side stream's would hold these bytes through the next forward, when the compute stream needs them most
+        self.back = _empty_like(self.host, self.device)
+        # the block may be one that work queued on the compute stream still reads
+        stream.wait_stream(torch.cuda.current_stream(self.device))
         stream.wait_event(self.copied)
         with torch.cuda.stream(stream):
-            self.back = _empty_like(self.host, self.device)
             self.back.copy_(self.host, non_blocking=True)
             self.arrived = torch.cuda.Event()
             self.arrived.record(stream)
+        self.back.record_stream(stream)  # not reused before the copy ends, even if the backward never takes it
 
     def take(self) -> torch.Tensor:
         """The device tensor, for the backward on the current stream."""
@@ -59,9 +65,7 @@ class _Saved:
                 torch.cuda.current_stream(self.device).wait_event(self.copied)
             self.fetch(None)
         elif self.arrived is not None:
-            current = torch.cuda.current_stream(self.device)
-            current.wait_event(self.arrived)
-            self.back.record_stream(current)  # allocated on the H2D stream, used and freed on this one
+            torch.cuda.current_stream(self.device).wait_event(self.arrived)
         # the device copy lives as long as the backward node that asked for it; the arena's bytes are written again
         # only by the next micro-batch's copies to the host, which the device runs after this backward
         back, self.back, self.host, self.arrived = self.back, None, None, None

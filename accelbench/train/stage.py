@@ -17,6 +17,7 @@ from ..progress import Progress
 from . import checkpoint, faults, zero3_step
 from .config import RunConfig
 from .objective import LlavaObjective, lm_head_calls
+from .collector import ScheduledCollector
 from .metrics import (
     EventLog, GcClock, StepRecord, read_step_records, reserved_by_stream, rss_bytes, summarize, warmup_steps,
 )
@@ -185,6 +186,11 @@ class StageRunner:
     def run(self, tokenizer: Any, events: EventLog, *, stop: Any = None, watchdog: Any = None) -> dict[str, Any]:
         """Train the stage. ``stop`` (a watchdog.StopRequest) ends it with a checkpoint at the next step
         boundary; ``watchdog`` hears of every finished step."""
+        with ScheduledCollector() as collector:
+            return self._run(tokenizer, events, stop, watchdog, collector)
+
+    def _run(self, tokenizer: Any, events: EventLog, stop: Any, watchdog: Any,
+             collector: ScheduledCollector) -> dict[str, Any]:
         import deepspeed.comm as dist
 
         from .ds_config import deepspeed_config
@@ -236,6 +242,7 @@ class StageRunner:
             profiler = StepProfiler(tuple(self.cfg.profile_steps), self.stage_dir / "profile", rank=self.rank,
                                     device_type=self.device.type)
         gc_clock, self._retries = GcClock(), self._alloc_retries_total()
+        collector.start()
         for step in range(start_step, steps):
             n = step + 1  # optimizer steps are counted from 1 in events, messages and faults
             if profiler is not None:
@@ -248,6 +255,7 @@ class StageRunner:
             if self.device.type == "cuda":  # each step's own peak; mem_allocated keeps the run's
                 torch.cuda.reset_peak_memory_stats(self.device)
             t0 = time.perf_counter()
+            collector.before_step(n)
             if self.offload is not None:
                 self.offload.reset_counts()
             real = padded = samples = 0
@@ -310,6 +318,8 @@ class StageRunner:
             if profiler is not None:
                 profiler.after(n)
             grad_norm = engine.get_global_grad_norm()
+            if float(stats[7]) > 0:  # this step compiled: outside the clock, in its gc_s
+                collector.after_compile()
             # after the clock stopped: the most of any rank, so a step that waited for one rank says why
             stalls = torch.tensor([gc_clock.take(), self._alloc_retries()], dtype=torch.float64, device=self.device)
             dist.all_reduce(stalls, op=dist.ReduceOp.MAX)
