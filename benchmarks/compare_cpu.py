@@ -116,7 +116,15 @@ def run_accelbench(s: Settings, out: Path, repeat: int, timeout: float = 1800, l
     if s.ds_config:
         cmd += ["--ds-config", s.ds_config]
     cmd += list(s.accelbench_args)
-    wall = _run(cmd, child_env(s), out / "log.txt", timeout)
+    try:
+        wall = _run(cmd, child_env(s), out / "log.txt", timeout)
+    except subprocess.TimeoutExpired:
+        summary = summary_of_finished_steps(out / "run" / "events.jsonl", s)
+        if summary is None:
+            raise
+        summary["cut_off"] = (f"stopped at the path timeout ({timeout:.0f} s) after its last step: figures from "
+                              f"its events.jsonl, no plan")
+        return RunResult(label, repeat, summary, timeout)
     summary = json.loads((out / "run" / s.stage / "summary.json").read_text())
     summary["_events"] = str(out / "run" / "events.jsonl")
     plan = json.loads((out / "run" / "result.json").read_text())["stages"][s.stage]["plan"]
@@ -124,6 +132,23 @@ def run_accelbench(s: Settings, out: Path, repeat: int, timeout: float = 1800, l
                                                   "recompute_layers", "micro_batch_tokens", "zero_stage", "zero3_buckets",
                                                   "without")}
     return RunResult(label, repeat, summary, wall)
+
+
+def summary_of_finished_steps(events: Path, s: Settings) -> dict[str, Any] | None:
+    """The stage's summary from its step records, for a run stopped after its last step (while it saved its
+    outputs, say), so that steps measured in full are not lost; None unless every step was recorded."""
+    from accelbench.cases import get_preset
+    from accelbench.train.metrics import read_step_records, summarize
+
+    records = read_step_records(events, s.stage, upto=s.steps) if events.exists() else []
+    if len(records) < s.steps:
+        return None
+    summary = summarize(records, world_size=s.nproc, stage_wall_s=sum(r.time_s for r in records), peak_flops=None,
+                        chips_per_board=1, flagperf_params=get_preset(s.case).nominal_params, stage=s.stage,
+                        device_total=0)
+    summary["tokens_per_s_per_proc_e2e"] = None  # the wall time outside the steps is unknown
+    summary["_events"] = str(events)
+    return summary
 
 
 def run_peer(s: Settings, out: Path, repeat: int, timeout: float = 1800, torchrun: bool | None = None) -> RunResult:

@@ -326,3 +326,53 @@ def test_loss_groups_tests_two_families_of_builds_over_their_means(tmp_path: Pat
     with pytest.raises(SystemExit):  # a build in both families
         loss_groups.main([*builds("m", [2.0, 2.1]), "--between", "m0,m1", "m1"])
     assert "--between: m1 in both families" in capsys.readouterr().err
+
+
+def _steps_written(events: Path, steps: int) -> None:
+    from accelbench.train.metrics import StepRecord
+
+    events.parent.mkdir(parents=True, exist_ok=True)
+    with open(events, "w", encoding="utf-8") as fh:
+        for n in range(1, steps + 1):
+            rec = StepRecord(stage="finetune", step=n, time_s=1.0 + n / 10, real_tokens=1000 * n, padded_tokens=1000 * n,
+                             samples=4, loss=10.0 - n, lr=1e-5, grad_norm=1.0, model_flops=6e12 * n,
+                             hardware_flops=8e12 * n, mem_allocated=2**30, mem_reserved=2**31, rss=2**30,
+                             tokens_per_s_per_proc=0.0, warmup=n <= 1, alloc_retries=n % 2)
+            fh.write(json.dumps(rec.to_dict()) + "\n")
+
+
+@pytest.mark.parametrize("written, salvaged", [(4, True), (3, False)])
+def test_a_run_cut_off_by_the_path_timeout_keeps_its_steps_only_if_it_finished_them(tmp_path, monkeypatch, written,
+                                                                                     salvaged) -> None:
+    cc, _, _ = _gpu_benchmarks()
+    s = cc.Settings(case="tiny", steps=4, nproc=2)
+
+    def cut_off(cmd, env, log, timeout):
+        _steps_written(tmp_path / "accelbench-0" / "run" / "events.jsonl", written)
+        raise subprocess.TimeoutExpired(cmd, timeout)
+
+    monkeypatch.setattr(cc, "_run", cut_off)
+    if not salvaged:  # a step short: no figure the other paths could be set beside
+        with pytest.raises(subprocess.TimeoutExpired):
+            cc.run_accelbench(s, tmp_path, 0, timeout=60)
+        return
+    r = cc.run_accelbench(s, tmp_path, 0, timeout=60)
+    assert "timeout (60 s) after its last step" in r.summary["cut_off"]
+    steady = range(2, 5)  # the first step is warm-up
+    assert r.tps == pytest.approx(sum(1000 * n for n in steady) / sum(1.0 + n / 10 for n in steady) / 2)
+    assert r.summary["loss_last"] == 6.0 and r.summary["alloc_retries"] == 2
+    assert cc.step_losses(r) == [9.0, 8.0, 7.0, 6.0]
+
+
+def test_ablation_rows_keep_their_own_figures_when_the_full_plan_failed(capsys) -> None:
+    cc, _, _ = _gpu_benchmarks()
+    from compare_peer import print_ablation
+
+    full = cc.RunResult(cc.ACCELBENCH, 0, {"error": "timed out after 260 s"}, 260.0)
+    without = cc.RunResult("accelbench --without balanced-ranks", 0,
+                           {"tokens_per_s_per_proc": 5491.4, "loss_last": 7.1141}, 192.0)
+    print_ablation(full, [without])
+    rows = capsys.readouterr().out.strip().splitlines()
+    assert rows[-2] == "| accelbench | failed: timed out after 260 s |"
+    assert rows[-1].startswith("| accelbench --without balanced-ranks | 5491.4 |") and rows[-1].endswith("| n/a |")
+    assert "7.1141" in rows[-1]

@@ -144,6 +144,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for r in results + ablations:
         if r.summary.get("_plan"):
             print(f"  {r.path}: plan {r.summary['_plan']}")
+        if r.summary.get("cut_off"):
+            print(f"  {r.path}: {r.summary['cut_off']}")
     cc.print_table(results, s, GPU_COLUMNS)  # with one path only, its rows and medians
     if ablations:
         print_ablation(results[0], ablations)
@@ -183,11 +185,11 @@ def print_ablation(full: cc.RunResult, ablations: Sequence[cc.RunResult]) -> Non
     head = ["run", *[c[0] for c in GPU_COLUMNS], "full / this (tokens/s)"]
     print("\n| " + " | ".join(head) + " |\n|" + "|".join(" --- " for _ in head) + "|")
     for r in [full, *ablations]:
-        if "error" in r.summary or "error" in full.summary:
-            print(f"| {r.path} | failed: {r.summary.get('error') or full.summary.get('error')} |")
+        if "error" in r.summary:
+            print(f"| {r.path} | failed: {r.summary['error']} |")
             continue
         cells = [r.path, *["n/a" if r.summary.get(k) is None else format(r.summary[k], f) for _, k, f in GPU_COLUMNS],
-                 f"{full.tps / r.tps:.3f}"]
+                 "n/a" if "error" in full.summary else f"{full.tps / r.tps:.3f}"]
         print("| " + " | ".join(cells) + " |")
 
 
