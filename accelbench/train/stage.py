@@ -15,9 +15,9 @@ from ..cases import get_preset
 from ..memory import offloaded_positions, offloads_for, replays_for
 from ..progress import Progress
 from . import checkpoint, faults, zero3_step
+from .collector import ScheduledCollector
 from .config import RunConfig
 from .objective import LlavaObjective, lm_head_calls
-from .collector import ScheduledCollector
 from .metrics import (
     EventLog, GcClock, StepRecord, read_step_records, reserved_by_stream, rss_bytes, summarize, warmup_steps,
 )
