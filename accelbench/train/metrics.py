@@ -199,7 +199,8 @@ def summarize(records: list[StepRecord], *, world_size: int, stage_wall_s: float
         "mem_peak_allocated": peak_alloc, "mem_peak_reserved": max(r.mem_reserved for r in records),
         "mem_rss_peak": max(r.rss for r in records), "mem_device_total": device_total,
         # what held ranks back (StepRecord): the longest garbage collection of a step, and allocator retries
-        "gc_s_max": max((r.gc_s for r in records if r.gc_s is not None), default=None),
+        # steady steps: a compiling step's gc_s also holds the full collection after it (train/collector.py)
+        "gc_s_max": max((r.gc_s for r in steady if r.gc_s is not None), default=None),
         "alloc_retries": sum(r.alloc_retries for r in records) if any(r.alloc_retries is not None for r in records)
         else None,
         "stage_wall_s": stage_wall_s,
