@@ -154,6 +154,11 @@ def test_a_step_that_compiled_is_left_out_of_the_steady_state():
                     flagperf_params=1e9, stage="finetune", device_total=1)
     assert (out["warmup_steps_excluded"], out["compile_steps_excluded"], out["steady_steps"]) == (1, 1, 3)
     assert out["tokens_per_s_per_proc"] == pytest.approx(500.0)  # 3000 tokens in 6 s
+    # a compiling step's gc_s holds the full collection after its compile, outside its clock: not a stall
+    records[0].gc_s, records[3].gc_s, records[4].gc_s = 0.9, 0.5, 0.003
+    gc_max = summarize(records, world_size=1, stage_wall_s=100.0, peak_flops=None, chips_per_board=1,
+                       flagperf_params=1e9, stage="finetune", device_total=1)["gc_s_max"]
+    assert gc_max == 0.003
     flags = [e["warmup"] for e in steps_by_stage([r.to_dict() for r in records])["finetune"]]
     assert flags == [True, False, False, True, False]  # the plots draw it with the warm-up steps
     # every step after warm-up compiling: they are all there is to measure, so they stay steady and none is excluded
