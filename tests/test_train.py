@@ -81,17 +81,16 @@ def test_gc_clock_counts_the_collectors_time_once():
 
     from accelbench.train.metrics import GcClock
 
-    clock = GcClock()
-    try:
-        garbage = [[] for _ in range(100_000)]
-        for a, b in zip(garbage, garbage[1:]):  # cycles only the collector frees
-            a.append(b), b.append(a)
-        del garbage, a, b
-        gc.collect()
-        assert clock.take() > 0.0
-        assert clock.take() == 0.0
-    finally:
-        clock.close()
+    with pytest.raises(RuntimeError, match="stage failed"):
+        with GcClock() as clock:  # as a stage holds it: closed by return or by error
+            garbage = [[] for _ in range(100_000)]
+            for a, b in zip(garbage, garbage[1:]):  # cycles only the collector frees
+                a.append(b), b.append(a)
+            del garbage, a, b
+            gc.collect()
+            assert clock.take() > 0.0
+            assert clock.take() == 0.0
+            raise RuntimeError("stage failed")
     gc.collect()
     assert clock.take() == 0.0  # closed: no longer listening
 

@@ -87,6 +87,12 @@ class GcClock:
     def close(self) -> None:
         gc.callbacks.remove(self._note)
 
+    def __enter__(self) -> GcClock:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
 
 def reserved_by_stream(segments: list[dict[str, Any]], names: dict[int, str]) -> dict[str, dict[str, float]]:
     """GiB the device's caching allocator holds, and of it GiB allocated, per stream, from the segments of

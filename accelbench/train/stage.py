@@ -186,11 +186,12 @@ class StageRunner:
     def run(self, tokenizer: Any, events: EventLog, *, stop: Any = None, watchdog: Any = None) -> dict[str, Any]:
         """Train the stage. ``stop`` (a watchdog.StopRequest) ends it with a checkpoint at the next step
         boundary; ``watchdog`` hears of every finished step."""
-        with ScheduledCollector() as collector:
-            return self._run(tokenizer, events, stop, watchdog, collector)
+        # the stage's hold on the garbage collector ends with it, by return or by error
+        with ScheduledCollector() as collector, GcClock() as gc_clock:
+            return self._run(tokenizer, events, stop, watchdog, collector, gc_clock)
 
     def _run(self, tokenizer: Any, events: EventLog, stop: Any, watchdog: Any,
-             collector: ScheduledCollector) -> dict[str, Any]:
+             collector: ScheduledCollector, gc_clock: GcClock) -> dict[str, Any]:
         import deepspeed.comm as dist
 
         from .ds_config import deepspeed_config
@@ -241,7 +242,8 @@ class StageRunner:
 
             profiler = StepProfiler(tuple(self.cfg.profile_steps), self.stage_dir / "profile", rank=self.rank,
                                     device_type=self.device.type)
-        gc_clock, self._retries = GcClock(), self._alloc_retries_total()
+        gc_clock.take()  # the first step's gc_s starts here, not with the setup's collections
+        self._retries = self._alloc_retries_total()
         collector.start()
         for step in range(start_step, steps):
             n = step + 1  # optimizer steps are counted from 1 in events, messages and faults
@@ -350,7 +352,6 @@ class StageRunner:
                                       where)
             if watchdog is not None:
                 watchdog.beat(self.stage, n)
-        gc_clock.close()
         if watchdog is not None:
             watchdog.disarm()
         progress.close()
