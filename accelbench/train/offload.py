@@ -42,13 +42,13 @@ class _Saved:
         """Copy back to the device on ``stream`` (a side stream, or None: the current one)."""
         if self.back is not None or self.host is None:  # fetched already, or taken
             return
+        # allocated on the compute stream, from its pool, also for a side stream's copy: the caching allocator keeps
+        # one pool per stream, and a side stream's would hold these bytes through the next forward, when the compute
+        # stream needs them most
+        self.back = _empty_like(self.host, self.device)
         if stream is None:
-            self.back = _empty_like(self.host, self.device)
             self.back.copy_(self.host, non_blocking=self.device.type != "cpu")
             return
-        # allocated on the compute stream, from its pool: the caching allocator keeps one pool per stream, and a
-        # side stream's would hold these bytes through the next forward, when the compute stream needs them most
-        self.back = _empty_like(self.host, self.device)
         # the block may be one that work queued on the compute stream still reads
         stream.wait_stream(torch.cuda.current_stream(self.device))
         stream.wait_event(self.copied)
